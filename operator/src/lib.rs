@@ -1,0 +1,5 @@
+//! WhaleFlux operator library: the planner and the command-line tools built on it, shared by the
+//! `whaleflux` binary and the tests.
+
+pub mod plan_cmd;
+pub mod planner;

@@ -1,0 +1,213 @@
+//! GPU catalog: the datasheet figures the memory check and the cost model use, and the
+//! `nvidia.com/gpu.product` label values (GPU feature discovery) that map a node to an entry.
+//!
+//! Memory is the datasheet capacity read as GiB (what `nvidia-smi` shows, less a few hundred MiB
+//! the driver keeps; the planner's usable fraction covers that). Bandwidths are the datasheet's
+//! aggregate (both directions) figures in GB/s; the cost model halves them for one direction.
+//! TFLOPS are dense (no sparsity) BF16 tensor-core figures.
+
+use super::PlanError;
+
+/// One GPU model and the figures the planner needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuSpec {
+    /// Catalog short name used in plans and `--gpus` (e.g. `H100`).
+    pub short_name: &'static str,
+    /// Memory per GPU in GiB.
+    pub memory_gib: f64,
+    /// HBM/GDDR bandwidth in GB/s.
+    pub hbm_gbps: f64,
+    /// Dense BF16 tensor-core TFLOPS.
+    pub bf16_tflops: f64,
+    /// NVLink bandwidth per GPU in GB/s (both directions); 0 when the part has no NVLink switch.
+    pub nvlink_gbps: f64,
+    /// Host PCIe bandwidth in GB/s (both directions).
+    pub pcie_gbps: f64,
+    /// `nvidia.com/gpu.product` label values this entry matches.
+    pub labels: &'static [&'static str],
+}
+
+impl GpuSpec {
+    /// Memory per GPU in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        (self.memory_gib * (1u64 << 30) as f64) as u64
+    }
+}
+
+/// Every GPU the planner knows, in a fixed order (the order ties are broken in).
+pub const CATALOG: &[GpuSpec] = &[
+    // NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100, H100 SXM column):
+    // 80 GB HBM3, 3.35 TB/s, BF16 1,979 TFLOPS with sparsity = 989 dense, NVLink 900 GB/s,
+    // PCIe Gen5 128 GB/s.
+    GpuSpec {
+        short_name: "H100",
+        memory_gib: 80.0,
+        hbm_gbps: 3350.0,
+        bf16_tflops: 989.0,
+        nvlink_gbps: 900.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-SXM5-80GB"],
+    },
+    // NVIDIA H100 Tensor Core GPU datasheet (H100 PCIe column): 80 GB HBM2e, 2 TB/s, BF16 1,513
+    // TFLOPS with sparsity = 756 dense, PCIe Gen5 128 GB/s. Its NVLink bridge joins pairs of
+    // cards only, so the planner treats it as a PCIe part (NVLink 0).
+    GpuSpec {
+        short_name: "H100-PCIe",
+        memory_gib: 80.0,
+        hbm_gbps: 2000.0,
+        bf16_tflops: 756.0,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-H100-PCIe", "NVIDIA-H100-80GB-PCIe"],
+    },
+    // NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200, H200 SXM
+    // column): 141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS with sparsity = 989 dense, NVLink
+    // 900 GB/s, PCIe Gen5 128 GB/s.
+    GpuSpec {
+        short_name: "H200",
+        memory_gib: 141.0,
+        hbm_gbps: 4800.0,
+        bf16_tflops: 989.0,
+        nvlink_gbps: 900.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-H200", "NVIDIA-H200-141GB-HBM3e"],
+    },
+    // NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100, A100 80GB SXM
+    // column): 80 GB HBM2e, 2,039 GB/s, BF16 312 TFLOPS dense, NVLink 600 GB/s, PCIe Gen4
+    // 64 GB/s.
+    GpuSpec {
+        short_name: "A100-80GB",
+        memory_gib: 80.0,
+        hbm_gbps: 2039.0,
+        bf16_tflops: 312.0,
+        nvlink_gbps: 600.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-A100-SXM4-80GB"],
+    },
+    // A100 datasheet, A100 80GB PCIe column: 80 GB HBM2e, 1,935 GB/s, BF16 312 TFLOPS dense,
+    // PCIe Gen4 64 GB/s; NVLink bridge joins pairs only (treated as none).
+    GpuSpec {
+        short_name: "A100-80GB-PCIe",
+        memory_gib: 80.0,
+        hbm_gbps: 1935.0,
+        bf16_tflops: 312.0,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-A100-80GB-PCIe"],
+    },
+    // A100 datasheet (40GB SXM, original A100 launch datasheet): 40 GB HBM2, 1,555 GB/s, BF16
+    // 312 TFLOPS dense, NVLink 600 GB/s, PCIe Gen4 64 GB/s.
+    GpuSpec {
+        short_name: "A100-40GB",
+        memory_gib: 40.0,
+        hbm_gbps: 1555.0,
+        bf16_tflops: 312.0,
+        nvlink_gbps: 600.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-A100-SXM4-40GB"],
+    },
+    // A100 datasheet, A100 40GB PCIe: 40 GB HBM2, 1,555 GB/s, BF16 312 TFLOPS dense, PCIe Gen4
+    // 64 GB/s; NVLink bridge pairs only (treated as none).
+    GpuSpec {
+        short_name: "A100-40GB-PCIe",
+        memory_gib: 40.0,
+        hbm_gbps: 1555.0,
+        bf16_tflops: 312.0,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-A100-PCIE-40GB"],
+    },
+    // NVIDIA Ada Lovelace GPU architecture whitepaper, appendix table for GeForce RTX 4090:
+    // 24 GB GDDR6X, 1,008 GB/s, FP16/BF16 tensor TFLOPS with FP32 accumulate 165.2 dense;
+    // no NVLink; PCIe Gen4 x16 (64 GB/s both directions).
+    GpuSpec {
+        short_name: "RTX4090",
+        memory_gib: 24.0,
+        hbm_gbps: 1008.0,
+        bf16_tflops: 165.2,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-GeForce-RTX-4090"],
+    },
+    // NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s): 48 GB GDDR6, 864 GB/s, BF16
+    // 733 TFLOPS with sparsity = 362.05 dense; no NVLink; PCIe Gen4 x16 64 GB/s.
+    GpuSpec {
+        short_name: "L40S",
+        memory_gib: 48.0,
+        hbm_gbps: 864.0,
+        bf16_tflops: 362.05,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-L40S"],
+    },
+];
+
+/// Finds the catalog entry for a short name or a `nvidia.com/gpu.product` label (exact match,
+/// ignoring ASCII case), so both GPU feature discovery labels and pool overrides work.
+pub fn lookup(name: &str) -> Result<&'static GpuSpec, PlanError> {
+    let name = name.trim();
+    CATALOG
+        .iter()
+        .find(|g| {
+            g.short_name.eq_ignore_ascii_case(name)
+                || g.labels.iter().any(|l| l.eq_ignore_ascii_case(name))
+        })
+        .ok_or_else(|| PlanError::UnknownGpu {
+            label: name.to_string(),
+            known: short_names().join(", "),
+        })
+}
+
+/// The catalog's short names, for error messages and help.
+pub fn short_names() -> Vec<&'static str> {
+    CATALOG.iter().map(|g| g.short_name).collect()
+}
+
+/// Position of an entry in the catalog, for deterministic ordering.
+pub fn index_of(gpu: &GpuSpec) -> usize {
+    CATALOG
+        .iter()
+        .position(|g| g.short_name == gpu.short_name)
+        .unwrap_or(CATALOG.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_short_names_resolve() {
+        for (name, short) in [
+            ("NVIDIA-H100-80GB-HBM3", "H100"),
+            ("NVIDIA-H100-PCIe", "H100-PCIe"),
+            ("NVIDIA-H200", "H200"),
+            ("NVIDIA-A100-SXM4-80GB", "A100-80GB"),
+            ("NVIDIA-A100-SXM4-40GB", "A100-40GB"),
+            ("NVIDIA-A100-PCIE-40GB", "A100-40GB-PCIe"),
+            ("NVIDIA-A100-80GB-PCIe", "A100-80GB-PCIe"),
+            ("NVIDIA-GeForce-RTX-4090", "RTX4090"),
+            ("NVIDIA-L40S", "L40S"),
+            ("h100", "H100"),
+            ("RTX4090", "RTX4090"),
+            ("A100-80GB", "A100-80GB"),
+        ] {
+            assert_eq!(lookup(name).map(|g| g.short_name), Ok(short), "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_label_names_it_and_the_override() {
+        let err = lookup("NVIDIA-B200").unwrap_err().to_string();
+        assert!(err.contains("NVIDIA-B200"), "{err}");
+        assert!(err.contains("spec.gpu.model"), "{err}");
+    }
+
+    #[test]
+    fn sxm_parts_have_nvlink_and_pcie_parts_do_not() {
+        for g in CATALOG {
+            let sxm = matches!(g.short_name, "H100" | "H200" | "A100-80GB" | "A100-40GB");
+            assert_eq!(g.nvlink_gbps > 0.0, sxm, "{}", g.short_name);
+            assert!(g.memory_gib > 0.0 && g.hbm_gbps > 0.0 && g.bf16_tflops > 0.0);
+        }
+    }
+}

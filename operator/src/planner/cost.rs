@@ -1,0 +1,173 @@
+//! Cost model of one decode step. It is a roofline estimate, not a measurement: each stage takes
+//! the longer of reading its bytes from HBM and doing its FLOPs, plus two all-reduces per layer
+//! over its tensor-parallel link; stages hand activations to the next over their link; with
+//! pipeline parallelism the batch is split into micro-batches that keep the stages busy.
+
+use whaleflux_crds::{InterNodeNetwork, WeightDtype};
+
+use super::Model;
+use super::catalog::GpuSpec;
+use super::legality::kv_heads_per_rank;
+use super::memory::{StageShape, stage_weights};
+
+/// A link the cost model sends bytes over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// Bandwidth in one direction, GB/s.
+    pub gbytes_per_s: f64,
+    /// Fixed cost of one transfer or collective, seconds.
+    pub latency_s: f64,
+}
+
+impl Link {
+    /// NVLink of a GPU: half the datasheet's two-way figure.
+    pub fn nvlink(gpu: &GpuSpec) -> Self {
+        Self {
+            gbytes_per_s: gpu.nvlink_gbps / 2.0,
+            latency_s: 8e-6,
+        }
+    }
+
+    /// PCIe of a GPU: half the datasheet's two-way figure.
+    pub fn pcie(gpu: &GpuSpec) -> Self {
+        Self {
+            gbytes_per_s: gpu.pcie_gbps / 2.0,
+            latency_s: 20e-6,
+        }
+    }
+
+    /// The network between nodes at `gbps` Gbit/s.
+    pub fn network(net: InterNodeNetwork, gbps: f64) -> Self {
+        let latency_s = match net {
+            InterNodeNetwork::InfiniBand => 15e-6,
+            InterNodeNetwork::RoCE => 20e-6,
+            InterNodeNetwork::Ethernet => 60e-6,
+        };
+        Self {
+            gbytes_per_s: gbps / 8.0,
+            latency_s,
+        }
+    }
+
+    /// Seconds to move `bytes` point to point.
+    pub fn send_s(&self, bytes: f64) -> f64 {
+        self.latency_s + bytes / (self.gbytes_per_s * 1e9)
+    }
+
+    /// Seconds of a ring all-reduce of `bytes` over `ranks`.
+    pub fn all_reduce_s(&self, bytes: f64, ranks: u32) -> f64 {
+        if ranks <= 1 {
+            return 0.0;
+        }
+        let r = f64::from(ranks);
+        self.latency_s + 2.0 * (r - 1.0) / r * bytes / (self.gbytes_per_s * 1e9)
+    }
+}
+
+/// What the cost model needs to know about the whole request.
+#[derive(Debug, Clone, Copy)]
+pub struct CostInputs<'a> {
+    /// Model shape.
+    pub model: &'a Model,
+    /// Weight storage type.
+    pub dtype: WeightDtype,
+    /// GPU of every stage.
+    pub gpu: &'a GpuSpec,
+    /// Bytes per KV-cache element.
+    pub kv_bytes: u64,
+    /// Max context; sequences are assumed half full on average.
+    pub max_context: u64,
+    /// Sequences decoded together.
+    pub batch: u64,
+}
+
+/// Seconds one stage takes for one decode step of `batch` sequences, its tensor-parallel
+/// all-reduces running over `tp_link`.
+pub fn stage_step_s(c: &CostInputs<'_>, s: StageShape, batch: u64, tp_link: Link) -> f64 {
+    let m = c.model;
+    let w = stage_weights(m, c.dtype, s);
+    let avg_ctx = (c.max_context as f64 / 2.0).max(1.0);
+    let b = batch as f64;
+    let hd = m.head_dim() as f64;
+    let layers = f64::from(s.layers);
+    // Decode reads every layer and head weight once per step, and the KV cache of every
+    // sequence; the embedding is a lookup of `batch` rows.
+    let kv_read =
+        2.0 * layers * f64::from(kv_heads_per_rank(m, s.tp)) * hd * c.kv_bytes as f64 * avg_ctx * b;
+    let bytes = w.layers + w.head + kv_read;
+    let t_mem = bytes / (c.gpu.hbm_gbps * 1e9);
+    let params = (w.layers + w.head) / c.dtype.bytes_per_param();
+    let q_heads = f64::from(m.heads / s.tp);
+    let flops = 2.0 * params * b + 4.0 * layers * q_heads * hd * avg_ctx * b;
+    let t_compute = flops / (c.gpu.bf16_tflops * 1e12);
+    let activation = b * m.hidden as f64 * 2.0;
+    let t_comm = 2.0 * layers * tp_link.all_reduce_s(activation, s.tp);
+    t_mem.max(t_compute) + t_comm
+}
+
+/// Micro-batches a pipeline of `pp` stages splits a batch into, and their size.
+pub fn micro_batches(pp: u32, batch: u64) -> (u64, u64) {
+    let micro = u64::from(pp).min(batch).max(1);
+    (micro, batch.div_ceil(micro))
+}
+
+/// Estimated period between two tokens of one sequence, in seconds, for a pipeline whose stages
+/// take `stage_s` seconds per micro-batch and whose hand-offs take `handoff_s`: the longer of the
+/// busiest stage doing all `micro` micro-batches and one micro-batch travelling through the
+/// whole pipeline.
+pub fn pipeline_period_s(micro: u64, stage_s: &[f64], handoff_s: &[f64]) -> f64 {
+    let busiest = stage_s.iter().copied().fold(0.0, f64::max);
+    let travel: f64 = stage_s.iter().sum::<f64>() + handoff_s.iter().sum::<f64>();
+    (micro as f64 * busiest).max(travel)
+}
+
+/// Bytes a stage hands to the next per micro-batch of `mb` sequences (bf16 hidden states).
+pub fn handoff_bytes(model: &Model, mb: u64) -> f64 {
+    mb as f64 * model.hidden as f64 * 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::catalog::lookup;
+    use crate::planner::models::preset;
+
+    #[test]
+    fn decode_of_a_big_model_is_memory_bound_and_tp_speeds_it_up() {
+        let m = preset("llama-3.1-70b").expect("preset");
+        let gpu = lookup("H100").expect("gpu");
+        let c = CostInputs {
+            model: &m,
+            dtype: WeightDtype::Bf16,
+            gpu,
+            kv_bytes: 2,
+            max_context: 4096,
+            batch: 1,
+        };
+        let shape = |tp| StageShape {
+            tp,
+            pp: 1,
+            layers: 80,
+            first: true,
+            last: true,
+        };
+        let t1 = stage_step_s(&c, shape(1), 1, Link::nvlink(gpu));
+        // ~141 GB at 3.35 TB/s = ~42 ms.
+        assert!((t1 * 1e3 - 42.0).abs() < 3.0, "{}", t1 * 1e3);
+        let t8 = stage_step_s(&c, shape(8), 1, Link::nvlink(gpu));
+        assert!(t8 < t1 / 5.0 && t8 > t1 / 8.0, "{t1} {t8}");
+        // The same split over PCIe pays more for its all-reduces.
+        assert!(stage_step_s(&c, shape(8), 1, Link::pcie(gpu)) > t8);
+        // Two stages with two micro-batches: the busiest stage bounds the period.
+        assert_eq!(micro_batches(2, 16), (2, 8));
+        assert_eq!(pipeline_period_s(2, &[1.0, 1.0], &[0.5]), 2.5);
+        assert_eq!(pipeline_period_s(4, &[1.0, 1.0], &[0.5]), 4.0);
+    }
+
+    #[test]
+    fn all_reduce_of_one_rank_is_free() {
+        let l = Link::network(InterNodeNetwork::Ethernet, 25.0);
+        assert_eq!(l.all_reduce_s(1e6, 1), 0.0);
+        assert!(l.all_reduce_s(1e6, 2) > l.send_s(1e6) - 1e-9);
+    }
+}
