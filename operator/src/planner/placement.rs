@@ -37,11 +37,7 @@ pub(crate) fn place_within_nodes(
         while (stages.len() as u32) < pp {
             let need_stages = pp - stages.len() as u32;
             let need = need_stages.saturating_mul(tp);
-            let pick = by_free.range((need, 0)..).next().copied().or_else(|| {
-                // The largest free count, lowest index among equals.
-                let max = by_free.iter().next_back()?.0;
-                by_free.range((max, 0)..).next().copied()
-            })?;
+            let pick = best_fit(&by_free, need)?;
             by_free.remove(&pick);
             let (f, i) = pick;
             let take = (f / tp).min(need_stages);
@@ -84,10 +80,7 @@ pub(crate) fn place_across_nodes(
             let mut need = tp;
             let mut place: StagePlace = Vec::new();
             while need > 0 {
-                let pick = by_free.range((need, 0)..).next().copied().or_else(|| {
-                    let max = by_free.iter().next_back()?.0;
-                    by_free.range((max, 0)..).next().copied()
-                })?;
+                let pick = best_fit(&by_free, need)?;
                 by_free.remove(&pick);
                 let (f, i) = pick;
                 let take = f.min(need);
@@ -133,4 +126,13 @@ mod tests {
         assert_eq!(g, vec![vec![vec![(0, 8), (1, 8)]]]);
         assert_eq!(place_across_nodes(&[8, 8], 16, 1, 2), None);
     }
+}
+
+/// The node with the fewest free GPUs that still has `need`, or else the one with the most free
+/// GPUs; the lowest index among equals, so placement is deterministic.
+fn best_fit(by_free: &BTreeSet<(u32, usize)>, need: u32) -> Option<(u32, usize)> {
+    by_free.range((need, 0)..).next().copied().or_else(|| {
+        let max = by_free.iter().next_back()?.0;
+        by_free.range((max, 0)..).next().copied()
+    })
 }
