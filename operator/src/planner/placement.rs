@@ -99,6 +99,15 @@ pub(crate) fn place_across_nodes(
     Some(out)
 }
 
+/// The node with the fewest free GPUs that still has `need`, or else the one with the most free
+/// GPUs; the lowest index among equals, so placement is deterministic.
+fn best_fit(by_free: &BTreeSet<(u32, usize)>, need: u32) -> Option<(u32, usize)> {
+    by_free.range((need, 0)..).next().copied().or_else(|| {
+        let max = by_free.iter().next_back()?.0;
+        by_free.range((max, 0)..).next().copied()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,13 +135,4 @@ mod tests {
         assert_eq!(g, vec![vec![vec![(0, 8), (1, 8)]]]);
         assert_eq!(place_across_nodes(&[8, 8], 16, 1, 2), None);
     }
-}
-
-/// The node with the fewest free GPUs that still has `need`, or else the one with the most free
-/// GPUs; the lowest index among equals, so placement is deterministic.
-fn best_fit(by_free: &BTreeSet<(u32, usize)>, need: u32) -> Option<(u32, usize)> {
-    by_free.range((need, 0)..).next().copied().or_else(|| {
-        let max = by_free.iter().next_back()?.0;
-        by_free.range((max, 0)..).next().copied()
-    })
 }

@@ -1,0 +1,321 @@
+//! WhaleFlux test equipment: an in-memory Kubernetes API server on loopback that real `kubectl`
+//! and kube-rs talk to, so the operator can be tested end to end without a cluster.
+//!
+//! Start one with [`ApiServer::start`]; it serves plain HTTP on 127.0.0.1, writes a kubeconfig,
+//! and hands back [`Faults`] (inject errors, delays, closed watches, expired versions) and the
+//! [`Audit`] log (every request, as RBAC sees it). See `e2e/README.md` for what it implements
+//! and where it differs from kube-apiserver.
+
+pub mod dns;
+pub mod error;
+pub mod faults;
+pub mod kubelet;
+pub mod openapi;
+pub mod patch;
+pub mod registry;
+pub mod schema;
+pub mod selectors;
+pub mod server;
+pub mod store;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{Notify, oneshot};
+
+pub use faults::{Audit, AuditEvent, FaultAction, Faults, RequestMatch};
+pub use kubelet::{Kubelet, KubeletConfig, NodeSpec};
+pub use store::{Key, Store};
+
+use registry::Registry;
+use server::AppState;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Binding the loopback port failed.
+    #[error("binding 127.0.0.1:{port}: {source}")]
+    Bind {
+        /// Requested port (0 = any).
+        port: u16,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Writing the kubeconfig failed.
+    #[error("writing kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// Where it was being written.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// The bearer token the generated kubeconfig uses.
+pub const ADMIN_TOKEN: &str = "whaleflux-e2e-admin";
+/// The user that token authenticates as.
+pub const ADMIN_USER: &str = "admin";
+
+/// Options for [`ApiServer`]; the defaults suit tests.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    port: u16,
+    tokens: HashMap<String, String>,
+    bookmark_interval: Duration,
+    history: usize,
+    kubeconfig: Option<PathBuf>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            port: 0,
+            tokens: HashMap::from([(ADMIN_TOKEN.to_string(), ADMIN_USER.to_string())]),
+            bookmark_interval: Duration::from_secs(1),
+            history: 1000,
+            kubeconfig: None,
+        }
+    }
+}
+
+impl Builder {
+    /// Listen on this port (0 = any free port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Accept `token` as a bearer token for `user` (so tests can act as the operator's
+    /// service account and check its requests in the audit log).
+    pub fn token(mut self, token: &str, user: &str) -> Self {
+        self.tokens.insert(token.into(), user.into());
+        self
+    }
+
+    /// How often watches that allow bookmarks get one (kube-apiserver: about a minute).
+    pub fn bookmark_interval(mut self, every: Duration) -> Self {
+        self.bookmark_interval = every;
+        self
+    }
+
+    /// How many events are kept for watches resuming from a resourceVersion.
+    pub fn history(mut self, events: usize) -> Self {
+        self.history = events;
+        self
+    }
+
+    /// Write the kubeconfig here instead of a fresh temporary folder.
+    pub fn kubeconfig(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kubeconfig = Some(path.into());
+        self
+    }
+
+    /// Bind, seed the standard namespaces, write the kubeconfig and serve in the background.
+    pub async fn start(self) -> Result<ApiServer, StartError> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .map_err(|source| StartError::Bind {
+                port: self.port,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            port: self.port,
+            source,
+        })?;
+        let store = Arc::new(Store::new(self.history));
+        let state = Arc::new(AppState {
+            store: store.clone(),
+            registry: Arc::new(Registry::with_builtins()),
+            faults: Arc::new(Faults::new(store.clone())),
+            audit: Arc::new(Audit::default()),
+            tokens: self.tokens,
+            bookmark_interval: self.bookmark_interval,
+            gc: Notify::new(),
+            address: addr.to_string(),
+            log_roots: std::sync::Mutex::new(Vec::new()),
+        });
+        seed(&state);
+        let temp = match &self.kubeconfig {
+            Some(_) => None,
+            None => Some(
+                TempDir::new(addr.port()).map_err(|source| StartError::Kubeconfig {
+                    path: std::env::temp_dir(),
+                    source,
+                })?,
+            ),
+        };
+        let kubeconfig = match (&self.kubeconfig, &temp) {
+            (Some(p), _) => p.clone(),
+            (None, Some(t)) => t.0.join("kubeconfig"),
+            (None, None) => std::env::temp_dir().join("kubeconfig"),
+        };
+        std::fs::write(&kubeconfig, kubeconfig_yaml(addr)).map_err(|source| {
+            StartError::Kubeconfig {
+                path: kubeconfig.clone(),
+                source,
+            }
+        })?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = axum::Router::new()
+            .fallback(server::handle)
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!("e2e API server stopped: {e}");
+            }
+        });
+        let gc_state = state.clone();
+        let gc = tokio::spawn(async move {
+            let mut events = gc_state.store.subscribe();
+            loop {
+                tokio::select! {
+                    _ = gc_state.gc.notified() => {}
+                    ev = events.recv() => if ev.is_err() { events = gc_state.store.subscribe(); },
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                server::collect_garbage(&gc_state);
+            }
+        });
+        tracing::info!(%addr, "e2e API server listening");
+        Ok(ApiServer {
+            addr,
+            kubeconfig,
+            state,
+            shutdown: Some(tx),
+            gc,
+            _temp: temp,
+        })
+    }
+}
+
+fn seed(st: &AppState) {
+    let Some(info) = st.registry.get("", "v1", "namespaces") else {
+        return;
+    };
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let key = Key {
+            group: String::new(),
+            resource: "namespaces".into(),
+            namespace: String::new(),
+            name: ns.into(),
+        };
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                "labels": {"kubernetes.io/metadata.name": ns}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+        let _ = st
+            .store
+            .write(&key, |_, _| -> Result<store::Write, error::ApiError> {
+                Ok(store::Write::Put(obj))
+            });
+    }
+    let _ = info;
+}
+
+/// A kubeconfig for the server at `addr`, authenticating as [`ADMIN_USER`].
+pub fn kubeconfig_yaml(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: whaleflux-e2e\n  cluster:\n    server: http://{addr}\n\
+         users:\n- name: {ADMIN_USER}\n  user:\n    token: {ADMIN_TOKEN}\n\
+         contexts:\n- name: whaleflux-e2e\n  context:\n    cluster: whaleflux-e2e\n    user: {ADMIN_USER}\n    namespace: default\n\
+         current-context: whaleflux-e2e\n"
+    )
+}
+
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(port: u16) -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("whaleflux-e2e-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running in-memory API server. Dropping it stops serving.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    kubeconfig: PathBuf,
+    state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    gc: tokio::task::JoinHandle<()>,
+    _temp: Option<TempDir>,
+}
+
+impl ApiServer {
+    /// Start with defaults on a free port.
+    pub async fn start() -> Result<Self, StartError> {
+        Builder::default().start().await
+    }
+
+    /// Options.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The kubeconfig written for this server.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Fault injection.
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.state.audit
+    }
+
+    /// Start a process kubelet: register `config.nodes`, run the StatefulSet controller and
+    /// the scheduler, and run bound pods as local processes (under `config.root`, or a folder
+    /// next to the kubeconfig when empty).
+    pub async fn kubelet(&self, mut config: KubeletConfig) -> std::io::Result<Kubelet> {
+        if config.root.as_os_str().is_empty() {
+            config.root = self.kubeconfig.with_file_name("kubelet");
+        }
+        Kubelet::start(self.state.clone(), config).await
+    }
+
+    /// Direct access to stored objects (reads in tests).
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.gc.abort();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.state.faults.close_watches();
+    }
+}

@@ -1,0 +1,632 @@
+//! The dot-product kernels: weight row (ggml blocks) × activations quantized to 8-bit blocks of 32.
+//! AVX2+FMA versions are picked at run time; the scalar versions are the portable fallback and the
+//! definition of the arithmetic.
+
+use std::sync::OnceLock;
+
+use super::{f16_at, f16_table};
+use crate::model::gguf::GgmlType;
+
+/// Activations of `n` rows quantized to blocks of 32 int8 with a scale `d` and `s = d * sum(q)`.
+#[derive(Debug, Clone)]
+pub struct QuantActs {
+    /// Quantized values, `n * cols`.
+    pub qs: Vec<i8>,
+    /// Per-block scales, `n * cols / 32`.
+    pub d: Vec<f32>,
+    /// Per-block `d * sum(q)`, used by offset formats (Q4_0's -8, Q4_1's min).
+    pub s: Vec<f32>,
+    /// Blocks per row.
+    pub blocks: usize,
+}
+
+/// Whether AVX2, FMA and F16C are available (checked once).
+pub fn has_avx2() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether AVX-VNNI is available too (one instruction for the u8×i8 dot).
+pub fn has_vnni() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2() && std::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Quantize `x` (rows of `cols`, a multiple of 32) to 8-bit blocks.
+pub fn quantize_acts(x: &[f32], cols: usize) -> QuantActs {
+    let blocks_total = x.len() / 32;
+    let mut qs = vec![0i8; x.len()];
+    let mut d = vec![0f32; blocks_total];
+    let mut s = vec![0f32; blocks_total];
+    for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let db = amax / 127.0;
+        let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            let r = (v * id).round() as i8;
+            *q = r;
+            sum += i32::from(r);
+        }
+        // Scales are stored as f16 like ggml's block_q8_1, so results match llama.cpp closely.
+        d[b] = half::f16::from_f32(db).to_f32();
+        s[b] = half::f16::from_f32(db * sum as f32).to_f32();
+    }
+    QuantActs {
+        qs,
+        d,
+        s,
+        blocks: cols / 32,
+    }
+}
+
+/// Plain f32 dot product.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { avx2::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Dot product of one quantized weight row with activation row `t` of `q`.
+pub fn dot_row(ty: GgmlType, w: &[u8], q: &QuantActs, t: usize) -> f32 {
+    let nb = q.blocks;
+    let qs = &q.qs[t * nb * 32..(t + 1) * nb * 32];
+    let d = &q.d[t * nb..(t + 1) * nb];
+    let s = &q.s[t * nb..(t + 1) * nb];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let lut = f16_table();
+        // SAFETY: AVX2 and FMA were detected; slices hold `nb` blocks (checked by callers' shapes).
+        unsafe {
+            return match ty {
+                GgmlType::Q4_1 => avx2::dot_q4_1(w, qs, d, s, nb, lut),
+                GgmlType::Q4_0 => avx2::dot_q4_0(w, qs, d, s, nb, lut),
+                GgmlType::Q8_0 => avx2::dot_q8_0(w, qs, d, nb, lut),
+                _ => scalar_dot(ty, w, qs, d, s, nb),
+            };
+        }
+    }
+    scalar_dot(ty, w, qs, d, s, nb)
+}
+
+/// Dot products of four weight rows with activation row `t` (shares each activation load).
+pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 4] {
+    let nb = q.blocks;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let qs = &q.qs[t * nb * 32..(t + 1) * nb * 32];
+        let d = &q.d[t * nb..(t + 1) * nb];
+        let s = &q.s[t * nb..(t + 1) * nb];
+        let lut = f16_table();
+        // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
+        unsafe {
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q4_0 => {
+                    let min = ty == GgmlType::Q4_1;
+                    return if has_vnni() {
+                        avx2::vnni::dot4_q4(w, qs, d, s, nb, lut, min)
+                    } else {
+                        avx2::plain::dot4_q4(w, qs, d, s, nb, lut, min)
+                    };
+                }
+                GgmlType::Q8_0 => {
+                    return if has_vnni() {
+                        avx2::vnni::dot4_q8_0(w, qs, d, nb, lut)
+                    } else {
+                        avx2::plain::dot4_q8_0(w, qs, d, nb, lut)
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+    w.map(|row| dot_row(ty, row, q, t))
+}
+
+/// Four Q4_0/Q4_1 weight rows against activation rows `t` and `t + 1` (prefill: each weight
+/// block is unpacked once for two tokens). Returns `[token][row]`.
+pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f32; 4]; 2] {
+    let nb = q.blocks;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+        let qs = &q.qs[t * nb * 32..(t + 2) * nb * 32];
+        let d = &q.d[t * nb..(t + 2) * nb];
+        let s = &q.s[t * nb..(t + 2) * nb];
+        let lut = f16_table();
+        let min = ty == GgmlType::Q4_1;
+        // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
+        let (lo, hi) = unsafe {
+            if has_vnni() {
+                (
+                    avx2::vnni::dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, lut, min),
+                    avx2::vnni::dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, lut, min),
+                )
+            } else {
+                (
+                    avx2::plain::dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, lut, min),
+                    avx2::plain::dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, lut, min),
+                )
+            }
+        };
+        return [
+            [lo[0][0], lo[0][1], hi[0][0], hi[0][1]],
+            [lo[1][0], lo[1][1], hi[1][0], hi[1][1]],
+        ];
+    }
+    [dot_rows4(ty, w, q, t), dot_rows4(ty, w, q, t + 1)]
+}
+
+/// Portable kernel; also the definition the SIMD kernels must match.
+pub(crate) fn scalar_dot(
+    ty: GgmlType,
+    w: &[u8],
+    qs: &[i8],
+    d: &[f32],
+    s: &[f32],
+    nb: usize,
+) -> f32 {
+    let mut acc = 0f32;
+    match ty {
+        GgmlType::Q8_0 => {
+            for b in 0..nb {
+                let blk = &w[b * 34..(b + 1) * 34];
+                let a = &qs[b * 32..(b + 1) * 32];
+                let dot: i32 = (0..32)
+                    .map(|j| i32::from(blk[2 + j] as i8) * i32::from(a[j]))
+                    .sum();
+                acc += f16_at(blk, 0) * d[b] * dot as f32;
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let bb = ty.block_bytes() as usize;
+            let q0 = bb - 16;
+            for b in 0..nb {
+                let blk = &w[b * bb..(b + 1) * bb];
+                let a = &qs[b * 32..(b + 1) * 32];
+                let mut dot = 0i32;
+                for j in 0..16 {
+                    dot += i32::from(blk[q0 + j] & 0x0F) * i32::from(a[j]);
+                    dot += i32::from(blk[q0 + j] >> 4) * i32::from(a[j + 16]);
+                }
+                let dw = f16_at(blk, 0);
+                acc += dw * d[b] * dot as f32;
+                acc += if ty == GgmlType::Q4_1 {
+                    f16_at(blk, 2) * s[b]
+                } else {
+                    -8.0 * dw * s[b]
+                };
+            }
+        }
+        _ => {}
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    fn h(lut: &[f32], blk: *const u8, off: usize) -> f32 {
+        // SAFETY: callers pass pointers inside a block of at least off+2 bytes.
+        let bits = unsafe { u16::from_le_bytes([*blk.add(off), *blk.add(off + 1)]) };
+        lut[bits as usize]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY: every load is within `n` elements of both slices.
+        unsafe {
+            while i + 16 <= n {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+        }
+        let mut s = hsum(_mm256_add_ps(acc0, acc1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    /// Sum of u4 weights (one 16-byte block, low nibbles first) times int8 activations, as f32x8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibble_dot(q: *const u8, a: *const i8) -> __m256 {
+        // SAFETY: q points at 16 readable bytes and a at 32 (caller's contract).
+        unsafe {
+            let raw = _mm_loadu_si128(q as *const __m128i);
+            let mask = _mm256_set1_epi8(0x0F);
+            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+            let av = _mm256_loadu_si256(a as *const __m256i);
+            let p16 = _mm256_maddubs_epi16(w, av);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_1(
+        w: &[u8],
+        qs: &[i8],
+        d: &[f32],
+        s: &[f32],
+        nb: usize,
+        lut: &[f32],
+    ) -> f32 {
+        assert!(w.len() >= nb * 20 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut summ = 0f32;
+        for b in 0..nb {
+            // SAFETY: bounds asserted above.
+            unsafe {
+                let blk = w.as_ptr().add(b * 20);
+                let p = nibble_dot(blk.add(4), qs.as_ptr().add(b * 32));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h(lut, blk, 0) * d[b]), p, acc);
+                summ += h(lut, blk, 2) * s[b];
+            }
+        }
+        hsum(acc) + summ
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_0(
+        w: &[u8],
+        qs: &[i8],
+        d: &[f32],
+        s: &[f32],
+        nb: usize,
+        lut: &[f32],
+    ) -> f32 {
+        assert!(w.len() >= nb * 18 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut off = 0f32;
+        for b in 0..nb {
+            // SAFETY: bounds asserted above.
+            unsafe {
+                let blk = w.as_ptr().add(b * 18);
+                let p = nibble_dot(blk.add(2), qs.as_ptr().add(b * 32));
+                let dw = h(lut, blk, 0);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[b]), p, acc);
+                off += dw * s[b];
+            }
+        }
+        hsum(acc) - 8.0 * off
+    }
+
+    /// u8×i8 pair sums to i32 lanes with AVX2 (maddubs + madd; no saturation for 4-bit weights).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul_avx2(w: __m256i, a: __m256i, ones: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones)
+    }
+
+    /// The same with one AVX-VNNI instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    fn mul_vnni(w: __m256i, a: __m256i, _ones: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+    }
+
+    /// The Q4 kernels, instantiated once per instruction set.
+    macro_rules! q4_kernels {
+        ($feat:literal, $mul:path) => {
+            /// Four Q4_1 (`min = true`) or Q4_0 rows against one activation row.
+            #[target_feature(enable = $feat)]
+            pub(in super::super) unsafe fn dot4_q4(
+                w: [&[u8]; 4],
+                qs: &[i8],
+                d: &[f32],
+                s: &[f32],
+                nb: usize,
+                lut: &[f32],
+                min: bool,
+            ) -> [f32; 4] {
+                let bb = if min { 20 } else { 18 };
+                let q0 = bb - 16;
+                assert!(w.iter().all(|r| r.len() >= nb * bb));
+                assert!(qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut off = [0f32; 4];
+                let mask = _mm256_set1_epi8(0x0F);
+                let ones = _mm256_set1_epi16(1);
+                for b in 0..nb {
+                    // SAFETY: bounds asserted above.
+                    unsafe {
+                        let av = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                        let (da, sa) = (*d.get_unchecked(b), *s.get_unchecked(b));
+                        for r in 0..4 {
+                            let blk = w[r].as_ptr().add(b * bb);
+                            let raw = _mm_loadu_si128(blk.add(q0) as *const __m128i);
+                            let wv = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                mask,
+                            );
+                            let p = $mul(wv, av, ones);
+                            let dw = h(lut, blk, 0);
+                            acc[r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dw * da),
+                                _mm256_cvtepi32_ps(p),
+                                acc[r],
+                            );
+                            off[r] += if min {
+                                h(lut, blk, 2) * sa
+                            } else {
+                                -8.0 * dw * sa
+                            };
+                        }
+                    }
+                }
+                [
+                    hsum(acc[0]) + off[0],
+                    hsum(acc[1]) + off[1],
+                    hsum(acc[2]) + off[2],
+                    hsum(acc[3]) + off[3],
+                ]
+            }
+
+            /// `R` Q4 rows against two activation rows (`qs`, `d`, `s` hold both rows).
+            #[target_feature(enable = $feat)]
+            pub(in super::super) unsafe fn dot_rx2_q4<const R: usize>(
+                w: [&[u8]; R],
+                qs: &[i8],
+                d: &[f32],
+                s: &[f32],
+                nb: usize,
+                lut: &[f32],
+                min: bool,
+            ) -> [[f32; R]; 2] {
+                let bb = if min { 20 } else { 18 };
+                let q0 = bb - 16;
+                assert!(w.iter().all(|r| r.len() >= nb * bb));
+                assert!(qs.len() >= 2 * nb * 32 && d.len() >= 2 * nb && s.len() >= 2 * nb);
+                let mut acc0 = [_mm256_setzero_ps(); R];
+                let mut acc1 = [_mm256_setzero_ps(); R];
+                let mut off = [[0f32; R]; 2];
+                let mask = _mm256_set1_epi8(0x0F);
+                let ones = _mm256_set1_epi16(1);
+                for b in 0..nb {
+                    // SAFETY: bounds asserted above.
+                    unsafe {
+                        let a0 = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                        let a1 =
+                            _mm256_loadu_si256(qs.as_ptr().add((nb + b) * 32) as *const __m256i);
+                        let (d0, d1) = (*d.get_unchecked(b), *d.get_unchecked(nb + b));
+                        let (s0, s1) = (*s.get_unchecked(b), *s.get_unchecked(nb + b));
+                        for r in 0..R {
+                            let blk = w[r].as_ptr().add(b * bb);
+                            let raw = _mm_loadu_si128(blk.add(q0) as *const __m128i);
+                            let wv = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+                                mask,
+                            );
+                            let p0 = $mul(wv, a0, ones);
+                            let p1 = $mul(wv, a1, ones);
+                            let dw = h(lut, blk, 0);
+                            acc0[r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dw * d0),
+                                _mm256_cvtepi32_ps(p0),
+                                acc0[r],
+                            );
+                            acc1[r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dw * d1),
+                                _mm256_cvtepi32_ps(p1),
+                                acc1[r],
+                            );
+                            let m = if min { h(lut, blk, 2) } else { -8.0 * dw };
+                            off[0][r] += m * s0;
+                            off[1][r] += m * s1;
+                        }
+                    }
+                }
+                let mut out = [[0f32; R]; 2];
+                for r in 0..R {
+                    out[0][r] = hsum(acc0[r]) + off[0][r];
+                    out[1][r] = hsum(acc1[r]) + off[1][r];
+                }
+                out
+            }
+            /// Four Q8_0 rows against one activation row.
+            #[target_feature(enable = $feat)]
+            pub(in super::super) unsafe fn dot4_q8_0(
+                w: [&[u8]; 4],
+                qs: &[i8],
+                d: &[f32],
+                nb: usize,
+                lut: &[f32],
+            ) -> [f32; 4] {
+                assert!(w.iter().all(|r| r.len() >= nb * 34));
+                assert!(qs.len() >= nb * 32 && d.len() >= nb);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let ones = _mm256_set1_epi16(1);
+                for (b, &da) in d.iter().enumerate().take(nb) {
+                    // SAFETY: bounds asserted above.
+                    unsafe {
+                        let av = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                        for r in 0..4 {
+                            let blk = w[r].as_ptr().add(b * 34);
+                            let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                            let aw = _mm256_sign_epi8(wv, wv);
+                            let sa = _mm256_sign_epi8(av, wv);
+                            let p = $mul(aw, sa, ones);
+                            acc[r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(h(lut, blk, 0) * da),
+                                _mm256_cvtepi32_ps(p),
+                                acc[r],
+                            );
+                        }
+                    }
+                }
+                [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+            }
+        };
+    }
+
+    /// Plain AVX2 + FMA.
+    pub(super) mod plain {
+        use super::*;
+        q4_kernels!("avx2,fma", mul_avx2);
+    }
+
+    /// AVX2 + FMA + AVX-VNNI.
+    pub(super) mod vnni {
+        use super::*;
+        q4_kernels!("avx2,fma,avxvnni", mul_vnni);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize, lut: &[f32]) -> f32 {
+        assert!(w.len() >= nb * 34 && qs.len() >= nb * 32 && d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let ones = _mm256_set1_epi16(1);
+        for (b, &db) in d.iter().enumerate().take(nb) {
+            // SAFETY: bounds asserted above.
+            unsafe {
+                let blk = w.as_ptr().add(b * 34);
+                let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let av = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                let sa = _mm256_sign_epi8(av, wv);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
+                acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(h(lut, blk, 0) * db),
+                    _mm256_cvtepi32_ps(p),
+                    acc,
+                );
+            }
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::quantize_row;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 20_000) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The multi-row and two-token kernels (plain AVX2 and VNNI alike) agree with the scalar one.
+    #[test]
+    fn tiled_kernels_match_scalar() {
+        let cols = 320;
+        let x = data(2 * cols, 1);
+        let q = quantize_acts(&x, cols);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let rows: Vec<Vec<u8>> = (0..4)
+                .map(|r| quantize_row(ty, &data(cols, 10 + r)))
+                .collect();
+            let w = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+            let scalar = |r: usize, t: usize| {
+                let nb = q.blocks;
+                scalar_dot(
+                    ty,
+                    w[r],
+                    &q.qs[t * nb * 32..(t + 1) * nb * 32],
+                    &q.d[t * nb..(t + 1) * nb],
+                    &q.s[t * nb..(t + 1) * nb],
+                    nb,
+                )
+            };
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + b.abs());
+            let four = dot_rows4(ty, w, &q, 1);
+            let pair = dot_rows4x2(ty, w, &q, 0);
+            for r in 0..4 {
+                assert!(close(four[r], scalar(r, 1)), "{ty:?} rows4 [{r}]");
+                for (t, pt) in pair.iter().enumerate() {
+                    assert!(close(pt[r], scalar(r, t)), "{ty:?} rows4x2 [{t}][{r}]");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() && ty == GgmlType::Q8_0 {
+                let lut = f16_table();
+                // SAFETY: AVX2/FMA detected; VNNI checked before use.
+                let plain = unsafe { avx2::plain::dot4_q8_0(w, &q.qs, &q.d, q.blocks, lut) };
+                let vnni = has_vnni()
+                    .then(|| unsafe { avx2::vnni::dot4_q8_0(w, &q.qs, &q.d, q.blocks, lut) });
+                for r in 0..4 {
+                    assert!(close(plain[r], scalar(r, 0)), "Q8_0 plain [{r}]");
+                    if let Some(v) = vnni {
+                        assert!(close(v[r], scalar(r, 0)), "Q8_0 vnni [{r}]");
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() && ty != GgmlType::Q8_0 {
+                let min = ty == GgmlType::Q4_1;
+                let nb = q.blocks;
+                let (qs, d, s) = (&q.qs[..], &q.d[..], &q.s[..]);
+                let lut = f16_table();
+                // SAFETY: AVX2/FMA detected; VNNI checked below before use.
+                let plain = unsafe { avx2::plain::dot4_q4(w, qs, d, s, nb, lut, min) };
+                let plain2 = unsafe { avx2::plain::dot_rx2_q4::<4>(w, qs, d, s, nb, lut, min) };
+                for r in 0..4 {
+                    assert!(close(plain[r], scalar(r, 0)), "{ty:?} plain [{r}]");
+                    assert!(close(plain2[1][r], scalar(r, 1)), "{ty:?} plain x2 [{r}]");
+                }
+                if has_vnni() {
+                    // SAFETY: VNNI detected.
+                    let v = unsafe { avx2::vnni::dot4_q4(w, qs, d, s, nb, lut, min) };
+                    for (r, vr) in v.iter().enumerate() {
+                        assert!(close(*vr, scalar(r, 0)), "{ty:?} vnni [{r}]");
+                    }
+                }
+            }
+        }
+    }
+}

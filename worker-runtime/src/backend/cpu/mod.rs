@@ -1,0 +1,373 @@
+//! CPU backend: activations are quantized to 8-bit blocks (like llama.cpp's Q8_0/Q8_1) and
+//! multiplied against Q4_0/Q4_1/Q8_0 weight blocks with AVX2/FMA kernels chosen at run time, or
+//! portable scalar code elsewhere; rows are spread over a fixed fork-join pool ([`pool`]).
+
+mod kernels;
+mod pool;
+
+pub use kernels::{QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, quantize_acts};
+
+use std::sync::OnceLock;
+
+use super::{Backend, Weight};
+use crate::model::gguf::GgmlType;
+
+/// f16 bits -> f32, as a table so the hot loops avoid software conversion.
+pub(crate) fn f16_table() -> &'static [f32] {
+    static T: OnceLock<Vec<f32>> = OnceLock::new();
+    T.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect()
+    })
+}
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16_table()[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
+}
+
+/// Decode one encoded row into f32 (the reference every kernel is tested against).
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = d * f32::from(b[2 + j] as i8);
+                }
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let bb = ty.block_bytes() as usize;
+            let q0 = bb - 16;
+            for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(bb)) {
+                let d = f16_at(b, 0);
+                let (m, off) = if ty == GgmlType::Q4_1 {
+                    (f16_at(b, 2), 0.0)
+                } else {
+                    (0.0, 8.0)
+                };
+                for j in 0..16 {
+                    let q = b[q0 + j];
+                    o[j] = d * (f32::from(q & 0x0F) - off) + m;
+                    o[j + 16] = d * (f32::from(q >> 4) - off) + m;
+                }
+            }
+        }
+    }
+}
+
+/// Encode f32 values as one of the supported types (tests and the reference path use it).
+pub fn quantize_row(ty: GgmlType, src: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match ty {
+        GgmlType::F32 => src.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        GgmlType::F16 => src
+            .iter()
+            .for_each(|v| out.extend(half::f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => src
+            .iter()
+            .for_each(|v| out.extend(half::bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for b in src.chunks(32) {
+                let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in src.chunks(32) {
+                let max = b
+                    .iter()
+                    .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                for j in 0..16 {
+                    let q = |v: f32| ((v * id + 8.5) as u8).min(15);
+                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in src.chunks(32) {
+                let min = b.iter().fold(f32::MAX, |a, &v| a.min(v));
+                let max = b.iter().fold(f32::MIN, |a, &v| a.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                out.extend(half::f16::from_f32(min).to_le_bytes());
+                for j in 0..16 {
+                    let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    out
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint output elements from parallel row chunks.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// The CPU backend: a fixed fork-join pool plus the SIMD kernels.
+pub struct CpuBackend {
+    pool: pool::Pool,
+    threads: usize,
+}
+
+/// Errors creating the CPU backend.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {threads} CPU worker threads: {source}")]
+pub struct CpuError {
+    threads: usize,
+    #[source]
+    source: std::io::Error,
+}
+
+impl CpuBackend {
+    /// A backend using `threads` worker threads (0 = one per available core).
+    pub fn new(threads: usize) -> Result<Self, CpuError> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = pool::Pool::new(threads).map_err(|source| CpuError { threads, source })?;
+        f16_table();
+        Ok(Self { pool, threads })
+    }
+}
+
+/// Rows handled by one task: one even share per thread (measured fastest for decode with the
+/// spinning pool), a multiple of 4 so the four-row kernels cover it.
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    let target = rows.div_ceil(threads.max(1)).div_ceil(4) * 4;
+    target.clamp(8, 1 << 16).min(rows.max(1))
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        if kernels::has_vnni() {
+            "cpu-avx2-vnni"
+        } else if has_avx2() {
+            "cpu-avx2"
+        } else {
+            "cpu-scalar"
+        }
+    }
+
+    fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn matmul(&self, w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), n * w.cols, "matmul input shape");
+        assert_eq!(out.len(), n * w.rows, "matmul output shape");
+        let q = match w.ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Some(quantize_acts(x, w.cols)),
+            _ => None,
+        };
+        let rows = w.rows;
+        let chunk = rows_per_task(rows, self.threads);
+        let tasks = rows.div_ceil(chunk);
+        let ptr = SendPtr(out.as_mut_ptr());
+        let ptr = &ptr;
+        let q = q.as_ref();
+        let body = move |task: usize| {
+            let r0 = task * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY (all writes below): (t, r) pairs are disjoint between tasks and in bounds.
+            let put = |t: usize, r: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
+            let mut tmp = Vec::new();
+            let Some(q) = q else {
+                for t in 0..n {
+                    for r in r0..r1 {
+                        tmp.resize(w.cols, 0.0);
+                        dequantize_row(w.ty, w.row(r), &mut tmp);
+                        put(t, r, dot_f32(&tmp, &x[t * w.cols..(t + 1) * w.cols]));
+                    }
+                }
+                return;
+            };
+            let quad = r0 + (r1 - r0) / 4 * 4;
+            let pair_tokens = matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1);
+            let mut r = r0;
+            while r < quad {
+                let rows4 = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
+                let mut t = 0;
+                while pair_tokens && t + 2 <= n {
+                    let v = dot_rows4x2(w.ty, rows4, q, t);
+                    for (dt, vt) in v.iter().enumerate() {
+                        for (i, val) in vt.iter().enumerate() {
+                            put(t + dt, r + i, *val);
+                        }
+                    }
+                    t += 2;
+                }
+                while t < n {
+                    for (i, val) in dot_rows4(w.ty, rows4, q, t).into_iter().enumerate() {
+                        put(t, r + i, val);
+                    }
+                    t += 1;
+                }
+                r += 4;
+            }
+            for r in quad..r1 {
+                for t in 0..n {
+                    put(t, r, dot_row(w.ty, w.row(r), q, t));
+                }
+            }
+        };
+        if tasks == 1 || self.threads == 1 {
+            (0..tasks).for_each(body);
+        } else {
+            self.parallel_for(tasks, &body);
+        }
+    }
+
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.pool.run(n, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 20_000) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn weight(ty: GgmlType, rows: usize, cols: usize) -> (Weight, Vec<f32>) {
+        let src = data(rows * cols, 7);
+        let mut bytes = Vec::new();
+        for r in src.chunks(cols) {
+            bytes.extend(quantize_row(ty, r));
+        }
+        let w = Weight {
+            ty,
+            rows,
+            cols,
+            data: bytes,
+        };
+        // The reference uses the dequantized weights, so only activation rounding differs.
+        let mut deq = vec![0f32; rows * cols];
+        for (r, o) in deq.chunks_exact_mut(cols).enumerate() {
+            w.dequantize_row(r, o);
+        }
+        (w, deq)
+    }
+
+    fn reference(deq: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * rows];
+        for t in 0..n {
+            for r in 0..rows {
+                out[t * rows + r] = (0..cols).map(|c| deq[r * cols + c] * x[t * cols + c]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantize_dequantize_round_trip() {
+        let x = data(256, 3);
+        for (ty, tol) in [
+            (GgmlType::F32, 0.0),
+            (GgmlType::F16, 1e-3),
+            (GgmlType::BF16, 1e-2),
+            (GgmlType::Q8_0, 1e-2),
+            (GgmlType::Q4_0, 0.15),
+            (GgmlType::Q4_1, 0.08),
+        ] {
+            let mut y = vec![0f32; 256];
+            dequantize_row(ty, &quantize_row(ty, &x), &mut y);
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            assert!(err <= tol, "{ty:?}: max error {err} > {tol}");
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f32_reference() {
+        let (rows, cols) = (37, 256);
+        for threads in [1, 3] {
+            let be = CpuBackend::new(threads).expect("pool");
+            for ty in [
+                GgmlType::Q4_0,
+                GgmlType::Q4_1,
+                GgmlType::Q8_0,
+                GgmlType::F32,
+                GgmlType::F16,
+                GgmlType::BF16,
+            ] {
+                let (w, deq) = weight(ty, rows, cols);
+                for n in [1, 4] {
+                    let x = data(n * cols, 11 + n as u32);
+                    let want = reference(&deq, &x, rows, cols, n);
+                    let mut got = vec![0f32; n * rows];
+                    be.matmul(&w, &x, n, &mut got);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        // 8-bit activations: error bounded by ~1% of the row's magnitude.
+                        let tol = 0.02 * (1.0 + b.abs()) + 0.05;
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{ty:?} n={n} t={threads} [{i}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_kernels_agree() {
+        let cols = 512;
+        let x = data(cols, 5);
+        let q = quantize_acts(&x, cols);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (w, _) = weight(ty, 3, cols);
+            for r in 0..3 {
+                let simd = dot_row(ty, w.row(r), &q, 0);
+                let scalar = kernels::scalar_dot(ty, w.row(r), &q.qs, &q.d, &q.s, q.blocks);
+                assert!(
+                    (simd - scalar).abs() <= 1e-3 * (1.0 + scalar.abs()),
+                    "{ty:?}: {simd} vs {scalar}"
+                );
+            }
+        }
+        let y = data(cols, 9);
+        let plain: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((dot_f32(&x, &y) - plain).abs() < 1e-3);
+    }
+}

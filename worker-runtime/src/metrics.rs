@@ -1,0 +1,119 @@
+//! Prometheus metrics shared by the server and the engine loop.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Matched route, e.g. `/v1/completions`.
+    pub route: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Prompt tokens processed.
+    pub prompt_tokens: Counter,
+    /// Tokens generated.
+    pub generated_tokens: Counter,
+    /// Seconds from submission to first token.
+    pub ttft: Histogram,
+    /// Seconds between consecutive tokens of one sequence.
+    pub inter_token: Histogram,
+    /// Requests waiting to join the batch.
+    pub queue_depth: Gauge,
+    /// Sequences in the running batch.
+    pub running: Gauge,
+    /// KV-cache fill in per mille of capacity (slots × context).
+    pub kv_cache_permille: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register all metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("whaleflux_worker");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        let generated_tokens = Counter::default();
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time to first token",
+            ttft.clone(),
+        );
+        let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "inter_token_seconds",
+            "Time between tokens",
+            inter_token.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a batch slot",
+            queue_depth.clone(),
+        );
+        let running = Gauge::default();
+        registry.register(
+            "running_sequences",
+            "Sequences in the running batch",
+            running.clone(),
+        );
+        let kv_cache_permille = Gauge::default();
+        registry.register(
+            "kv_cache_usage_permille",
+            "KV-cache fill in per mille of slots x context",
+            kv_cache_permille.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            ttft,
+            inter_token,
+            queue_depth,
+            running,
+            kv_cache_permille,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+}

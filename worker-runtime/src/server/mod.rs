@@ -1,0 +1,547 @@
+//! OpenAI-compatible HTTP API (axum): completions and chat (plain and streamed), models, health,
+//! readiness and Prometheus metrics. The router is built before the model loads so `/healthz`
+//! answers at once and `/readyz` turns ready only when the engine can serve.
+
+pub mod error;
+pub mod request;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::engine::scheduler::TokenLogprob;
+use crate::engine::{EngineHandle, Event, GenRequest};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::model::chat::ChatTemplate;
+use crate::model::tokenizer::ModelTokenizer;
+use error::ApiError;
+
+/// Everything that exists once the model is loaded.
+pub struct Loaded {
+    /// Submits generation work.
+    pub engine: EngineHandle,
+    /// Prompt tokenizer.
+    pub tokenizer: Arc<ModelTokenizer>,
+    /// Chat template, when the model has one.
+    pub chat: Option<ChatTemplate>,
+    /// Tokens per sequence.
+    pub context: usize,
+}
+
+/// Shared server state.
+pub struct AppState {
+    /// Name clients must send as `model`.
+    pub model_name: String,
+    /// Set once loading finishes.
+    pub loaded: OnceLock<Loaded>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    created: u64,
+}
+
+impl AppState {
+    /// State for a server whose model is still loading.
+    pub fn new(model_name: String, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            model_name,
+            loaded: OnceLock::new(),
+            metrics,
+            created: now(),
+        })
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The router, with a request-body limit in bytes.
+pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    st.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.loaded.get().is_some() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": st.model_name, "object": "model", "created": st.created, "owned_by": "whaleflux"
+    }]}))
+}
+
+fn body_error(rej: BytesRejection) -> ApiError {
+    let status = rej.status();
+    ApiError {
+        status,
+        message: if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is too large".into()
+        } else {
+            format!("cannot read the request body: {rej}")
+        },
+        kind: "invalid_request_error",
+        param: None,
+        code: Some(if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_body"
+        }),
+    }
+}
+
+fn loaded(st: &AppState) -> Result<&Loaded, ApiError> {
+    st.loaded.get().ok_or(ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the model is still loading".into(),
+        kind: "server_error",
+        param: None,
+        code: Some("not_ready"),
+    })
+}
+
+/// A validated generation, ready to submit.
+struct Job {
+    prompt: Vec<u32>,
+    common: request::Common,
+    logprobs: Option<usize>,
+    default_max: usize,
+    prompt_param: &'static str,
+}
+
+fn submit(l: &Loaded, job: Job) -> Result<(UnboundedReceiver<Event>, usize), ApiError> {
+    let n = job.prompt.len();
+    if n >= l.context {
+        return Err(ApiError::invalid(
+            job.prompt_param,
+            format!(
+                "the prompt is {n} tokens, the context is {} tokens; shorten the prompt",
+                l.context
+            ),
+        )
+        .with(StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    }
+    let room = l.context - n;
+    let max_tokens = match job.common.max_tokens {
+        Some(m) if m > room => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "'max_tokens' is {m}, but the context is {} tokens and the prompt uses {n}; at most {room} can be generated",
+                    l.context
+                ),
+            )
+            .with(StatusCode::BAD_REQUEST, "context_length_exceeded"));
+        }
+        Some(m) => m,
+        None => job.default_max.min(room),
+    };
+    let (tx, rx) = unbounded_channel();
+    l.engine
+        .submit(GenRequest {
+            prompt: job.prompt,
+            params: job.common.params.clone(),
+            max_tokens,
+            stop: job.common.stop.clone(),
+            logprobs: job.logprobs,
+            events: tx,
+        })
+        .map_err(|e| ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: e.to_string(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+        })?;
+    Ok((rx, n))
+}
+
+fn tokenize(l: &Loaded, text: &str, param: &str) -> Result<Vec<u32>, ApiError> {
+    let ids = l
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::invalid(param, e.to_string()))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid(
+            param,
+            format!("'{param}' tokenizes to nothing"),
+        ));
+    }
+    Ok(ids)
+}
+
+/// Which API shape to render.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+struct Collected {
+    text: String,
+    tokens: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    finish: &'static str,
+    completion_tokens: usize,
+}
+
+async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: "stop",
+        completion_tokens: 0,
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { text, logprob, top } => {
+                c.text.push_str(&text);
+                if let Some(lp) = logprob {
+                    c.tokens.push((lp, top));
+                }
+            }
+            Event::Done {
+                finish_reason,
+                completion_tokens,
+                ..
+            } => {
+                c.finish = finish_reason.as_str();
+                c.completion_tokens = completion_tokens;
+                return Ok(c);
+            }
+        }
+    }
+    Err(ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: "the engine stopped before finishing the request".into(),
+        kind: "server_error",
+        param: None,
+        code: None,
+    })
+}
+
+fn completion_logprobs(toks: &[(TokenLogprob, Vec<TokenLogprob>)], offset0: usize) -> Value {
+    let mut offset = offset0;
+    let mut offsets = Vec::new();
+    for (t, _) in toks {
+        offsets.push(offset);
+        offset += t.token.len();
+    }
+    json!({
+        "tokens": toks.iter().map(|(t, _)| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": toks.iter().map(|(t, _)| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": toks.iter().map(|(_, top)| {
+            top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn chat_logprobs(toks: &[(TokenLogprob, Vec<TokenLogprob>)]) -> Value {
+    json!({"content": toks.iter().map(|(t, top)| json!({
+        "token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+        "top_logprobs": top.iter().map(|a| json!({
+            "token": a.token, "logprob": a.logprob, "bytes": a.bytes
+        })).collect::<Vec<_>>(),
+    })).collect::<Vec<_>>()})
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn respond(
+    st: &AppState,
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    prompt_tokens: usize,
+    want_logprobs: bool,
+    common: &request::Common,
+) -> Result<Response, ApiError> {
+    let (id, created, model) = (
+        request_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        now(),
+        st.model_name.clone(),
+    );
+    if common.stream {
+        return Ok(stream(
+            kind,
+            rx,
+            id,
+            created,
+            model,
+            prompt_tokens,
+            want_logprobs,
+            common.include_usage,
+        ));
+    }
+    let c = collect(rx).await?;
+    let choice = match kind {
+        Kind::Completion => json!({
+            "index": 0, "text": c.text, "finish_reason": c.finish,
+            "logprobs": if want_logprobs { completion_logprobs(&c.tokens, 0) } else { Value::Null },
+        }),
+        Kind::Chat => json!({
+            "index": 0, "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish,
+            "logprobs": if want_logprobs { chat_logprobs(&c.tokens) } else { Value::Null },
+        }),
+    };
+    Ok(Json(json!({
+        "id": id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": created, "model": model, "choices": [choice],
+        "usage": usage(prompt_tokens, c.completion_tokens),
+    }))
+    .into_response())
+}
+
+struct StreamState {
+    rx: UnboundedReceiver<Event>,
+    out: VecDeque<String>,
+    finished: bool,
+    text_offset: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+    want_logprobs: bool,
+    include_usage: bool,
+) -> Response {
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |choice: Value, usage_v: Option<Value>| -> String {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
+        if let Some(u) = usage_v {
+            v["usage"] = u;
+        }
+        v.to_string()
+    };
+    let mut out = VecDeque::new();
+    if kind == Kind::Chat {
+        out.push_back(chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+            None,
+        ));
+    }
+    let init = StreamState {
+        rx,
+        out,
+        finished: false,
+        text_offset: 0,
+    };
+    let s = futures_util::stream::unfold((init, chunk), move |(mut st, chunk)| async move {
+        loop {
+            if let Some(line) = st.out.pop_front() {
+                return Some((
+                    Ok::<_, Infallible>(SseEvent::default().data(line)),
+                    (st, chunk),
+                ));
+            }
+            if st.finished {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Event::Token { text, logprob, top }) => {
+                    let toks: Vec<_> = logprob.into_iter().map(|l| (l, top.clone())).collect();
+                    if text.is_empty() && (!want_logprobs || toks.is_empty()) {
+                        continue;
+                    }
+                    let lp = if want_logprobs && !toks.is_empty() {
+                        match kind {
+                            Kind::Completion => completion_logprobs(&toks, st.text_offset),
+                            Kind::Chat => chat_logprobs(&toks),
+                        }
+                    } else {
+                        Value::Null
+                    };
+                    st.text_offset += text.len();
+                    let choice = match kind {
+                        Kind::Completion => {
+                            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Chat => {
+                            json!({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
+                    };
+                    st.out.push_back(chunk(choice, None));
+                }
+                Some(Event::Done {
+                    finish_reason,
+                    completion_tokens,
+                    ..
+                }) => {
+                    let f = finish_reason.as_str();
+                    let choice = match kind {
+                        Kind::Completion => {
+                            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": f})
+                        }
+                        Kind::Chat => {
+                            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": f})
+                        }
+                    };
+                    st.out.push_back(chunk(choice, None));
+                    if include_usage {
+                        st.out.push_back(chunk(
+                            Value::Null,
+                            Some(usage(prompt_tokens, completion_tokens)),
+                        ));
+                    }
+                    st.out.push_back("[DONE]".to_string());
+                    st.finished = true;
+                }
+                None => {
+                    st.finished = true;
+                }
+            }
+        }
+    });
+    Sse::new(s).into_response()
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let body = body.map_err(body_error)?;
+        let l = loaded(&st)?;
+        let m = request::parse_object(&body)?;
+        request::check_model(&m, &st.model_name)?;
+        let prompt = request::prompt(&m)?;
+        let common = request::common(&m, &["max_tokens"])?;
+        let logprobs = request::completion_logprobs(&m)?;
+        if request::boolean(&m, "echo")? {
+            return Err(ApiError::invalid("echo", "'echo' is not supported"));
+        }
+        let ids = tokenize(l, &prompt, "prompt")?;
+        let (rx, n) = submit(
+            l,
+            Job {
+                prompt: ids,
+                common: common.clone(),
+                logprobs,
+                default_max: 16,
+                prompt_param: "prompt",
+            },
+        )?;
+        respond(&st, Kind::Completion, rx, n, logprobs.is_some(), &common).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let body = body.map_err(body_error)?;
+        let l = loaded(&st)?;
+        let m = request::parse_object(&body)?;
+        request::check_model(&m, &st.model_name)?;
+        let msgs = request::messages(&m)?;
+        let common = request::common(&m, &["max_tokens", "max_completion_tokens"])?;
+        let logprobs = request::chat_logprobs(&m)?;
+        let tpl = l.chat.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "messages",
+                "this model has no chat template; use /v1/completions",
+            )
+        })?;
+        let text = tpl
+            .render(&msgs)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let ids = tokenize(l, &text, "messages")?;
+        let (rx, n) = submit(
+            l,
+            Job {
+                prompt: ids,
+                common: common.clone(),
+                logprobs,
+                default_max: usize::MAX,
+                prompt_param: "messages",
+            },
+        )?;
+        respond(&st, Kind::Chat, rx, n, logprobs.is_some(), &common).await
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
