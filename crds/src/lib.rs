@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod manifests;
 pub mod plan;
 pub mod pool;
+pub mod worker;
 
 pub use deployment::{
     FailoverSpec, LlmDeployment, LlmDeploymentSpec, LlmDeploymentStatus, ModelShape, ModelSpec,
@@ -17,6 +18,9 @@ pub use plan::{GroupPlacement, MemoryBreakdown, Plan, PlanEstimate, RejectedOpti
 pub use pool::{
     GpuOverride, GpuPool, GpuPoolSpec, GpuPoolStatus, InterNodeNetwork, InterconnectSpec,
     IntraNodeLink, PoolNode,
+};
+pub use worker::{
+    PeerAddress, WorkerConfig, WorkerConfigError, WorkerModel, WorkerPorts, WorkerServing,
 };
 
 /// API group of every WhaleFlux kind.

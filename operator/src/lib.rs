@@ -3,3 +3,4 @@
 
 pub mod plan_cmd;
 pub mod planner;
+pub mod resources;

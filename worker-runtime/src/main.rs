@@ -23,9 +23,14 @@ struct Cli {
 enum Cmd {
     /// Serve the OpenAI-compatible API for one GGUF model.
     Serve {
-        /// GGUF model file.
-        #[arg(long)]
-        model: PathBuf,
+        /// GGUF model file (or give `--config`).
+        #[arg(long, required_unless_present = "config")]
+        model: Option<PathBuf>,
+        /// Worker configuration rendered by the operator or `whaleflux run` (JSON); it sets the
+        /// model, ports, serving limits and this process's place in its group, and overrides
+        /// the flags that say the same.
+        #[arg(long, conflicts_with = "model")]
+        config: Option<PathBuf>,
         /// CPU threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -68,6 +73,28 @@ enum Cmd {
     },
 }
 
+/// Read a worker configuration and check this process can run its part of the plan.
+fn read_config(path: &std::path::Path) -> anyhow::Result<whaleflux_crds::WorkerConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the worker config {}", path.display()))?;
+    let cfg: whaleflux_crds::WorkerConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid worker config", path.display()))?;
+    let pod = std::env::var(whaleflux_crds::worker::POD_NAME_ENV).ok();
+    let stage = cfg
+        .resolve_stage(pod.as_deref())
+        .with_context(|| format!("worker config {}", path.display()))?;
+    if cfg.plan.tensor_parallel != 1 || cfg.plan.pipeline_parallel != 1 {
+        anyhow::bail!(
+            "{}: this worker runs single-rank plans only (tensorParallel 1, pipelineParallel 1); the plan has {}x{}",
+            path.display(),
+            cfg.plan.tensor_parallel,
+            cfg.plan.pipeline_parallel
+        );
+    }
+    tracing::info!(deployment = %cfg.deployment, group = cfg.group, stage, "worker config read");
+    Ok(cfg)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -80,15 +107,36 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve {
             model,
-            threads,
-            port,
+            config,
+            mut threads,
+            mut port,
             host,
-            model_name,
-            ctx,
-            max_batch,
-            max_queue,
+            mut model_name,
+            mut ctx,
+            mut max_batch,
+            mut max_queue,
             max_body,
         } => {
+            let model = match (model, config) {
+                (_, Some(path)) => {
+                    let cfg = read_config(&path)?;
+                    threads = usize::try_from(cfg.threads).unwrap_or(0);
+                    port = u16::try_from(cfg.ports.http).with_context(|| {
+                        format!(
+                            "{}: ports.http {} is not a port",
+                            path.display(),
+                            cfg.ports.http
+                        )
+                    })?;
+                    model_name = Some(cfg.model.served_name.clone());
+                    ctx = usize::try_from(cfg.serving.max_context_length).unwrap_or(0);
+                    max_batch = usize::try_from(cfg.serving.max_concurrent_sequences).unwrap_or(1);
+                    max_queue = usize::try_from(cfg.serving.max_queue).unwrap_or(0);
+                    PathBuf::from(&cfg.model.path)
+                }
+                (Some(m), None) => m,
+                (None, None) => anyhow::bail!("give --model FILE or --config FILE"),
+            };
             let name = model_name.unwrap_or_else(|| {
                 model
                     .file_stem()
