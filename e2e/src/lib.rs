@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 
 pub use faults::{Audit, AuditEvent, FaultAction, Faults, RequestMatch};
 pub use kubelet::{Kubelet, KubeletConfig, NodeSpec};
@@ -175,13 +175,36 @@ impl Builder {
         let gc_state = state.clone();
         let gc = tokio::spawn(async move {
             let mut events = gc_state.store.subscribe();
+            // Batches of changes, looking only at what they touch (so the collector's work grows
+            // with the changes, not the store), and a full pass twice a second as a safety net.
+            let mut full_pass = tokio::time::interval(Duration::from_millis(500));
             loop {
+                let mut batch = Vec::new();
+                let mut full = false;
                 tokio::select! {
+                    // Writes that may free something nudge the collector; their events say what.
                     _ = gc_state.gc.notified() => {}
-                    ev = events.recv() => if ev.is_err() { events = gc_state.store.subscribe(); },
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = full_pass.tick() => full = true,
+                    ev = events.recv() => match ev {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => {
+                            full = true;
+                            events = gc_state.store.subscribe();
+                        }
+                    },
                 }
-                server::collect_garbage(&gc_state);
+                loop {
+                    match events.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => full = true,
+                        Err(_) => break,
+                    }
+                }
+                if full {
+                    server::collect_garbage(&gc_state);
+                } else {
+                    server::collect_garbage_after(&gc_state, &batch);
+                }
             }
         });
         tracing::info!(%addr, "e2e API server listening");

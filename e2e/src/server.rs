@@ -2,7 +2,7 @@
 //! discovery and OpenAPI. One fallback handler parses the path itself, because Kubernetes
 //! paths (`/api/v1/namespaces/{ns}/pods/{name}/status`) do not fit a static route table well.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use crate::patch::{self, Manager};
 use crate::registry::{Registry, ResourceInfo, infos_from_crd};
 use crate::schema;
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{EventType, Key, Store, Write};
+use crate::store::{Event, EventType, Key, Objects, Store, Write, owner_uids};
 use crate::table::{self, IncludeObject};
 
 /// Everything a request handler needs.
@@ -568,13 +568,12 @@ fn encode_continue(rv: u64, start: &str) -> String {
 
 fn list(st: &AppState, req: &Req, t: &Target) -> Result<Answer> {
     let (labels, fields) = selectors(req)?;
-    let (items, rv) = st
-        .store
-        .list(&t.info.group, &t.info.resource, t.namespace.as_deref());
-    let mut matching: Vec<(Key, Value)> = items
-        .into_iter()
-        .filter(|(_, o)| labels.matches(o) && fields.matches(o))
-        .collect();
+    let (mut matching, rv) = st.store.list_where(
+        &t.info.group,
+        &t.info.resource,
+        t.namespace.as_deref(),
+        |o| labels.matches(o) && fields.matches(o),
+    );
     let mut list_rv = rv;
     if let Some(token) = req.q("continue").filter(|s| !s.is_empty()) {
         let (token_rv, start) = decode_continue(token)?;
@@ -1296,13 +1295,29 @@ fn patch_once(st: &AppState, req: &Req, t: &Target, retryable: &mut bool) -> Res
         "application/json-patch+json" => {
             let p: json_patch::Patch = serde_json::from_slice(&req.body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
-            json_patch::patch(&mut target, &p).map_err(|e| {
-                ApiError::new(
-                    422,
-                    "Invalid",
-                    format!("the server rejected our request due to an error in our request: {e}"),
-                )
-            })?;
+            // All or nothing, one operation at a time: kube-apiserver's JSON patch
+            // (evanphx/json-patch) lets a `test` against null pass when the path is missing,
+            // which kube-rs's finalizer helper relies on for objects without finalizers.
+            let mut work = target.clone();
+            for (i, op) in p.iter().enumerate() {
+                if let json_patch::PatchOperation::Test(t) = op
+                    && t.value.is_null()
+                    && work.pointer(t.path.as_str()).is_none()
+                {
+                    continue;
+                }
+                json_patch::patch(&mut work, std::slice::from_ref(op)).map_err(|mut e| {
+                    e.operation = i;
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "the server rejected our request due to an error in our request: {e}"
+                        ),
+                    )
+                })?;
+            }
+            target = work;
         }
         other => return Err(ApiError::unsupported_media_type(other)),
     }
@@ -1536,32 +1551,33 @@ fn delete_one(
 }
 
 fn orphan_dependents(st: &AppState, uid: &str) {
-    for (key, obj) in st.store.all() {
-        let refs = obj["metadata"]["ownerReferences"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if refs.iter().any(|r| r["uid"] == json!(uid)) {
-            let _ = st.store.write(&key, |cur, _| -> Result<Write> {
-                let Some(cur) = cur else {
-                    return Ok(Write::Unchanged(Value::Null));
-                };
-                let mut new = cur.clone();
-                let kept: Vec<Value> = refs
-                    .iter()
-                    .filter(|r| r["uid"] != json!(uid))
-                    .cloned()
-                    .collect();
-                if kept.is_empty() {
-                    if let Some(m) = new["metadata"].as_object_mut() {
-                        m.remove("ownerReferences");
-                    }
-                } else {
-                    new["metadata"]["ownerReferences"] = Value::Array(kept);
+    let keys: Vec<Key> = st.store.read(|o| o.dependents(uid).cloned().collect());
+    for key in keys {
+        let _ = st.store.write(&key, |cur, _| -> Result<Write> {
+            let Some(cur) = cur else {
+                return Ok(Write::Unchanged(Value::Null));
+            };
+            let refs = cur["metadata"]["ownerReferences"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if !refs.iter().any(|r| r["uid"] == json!(uid)) {
+                return Ok(Write::Unchanged(cur.clone()));
+            }
+            let mut new = cur.clone();
+            let kept: Vec<Value> = refs
+                .into_iter()
+                .filter(|r| r["uid"] != json!(uid))
+                .collect();
+            if kept.is_empty() {
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove("ownerReferences");
                 }
-                Ok(Write::Put(new))
-            });
-        }
+            } else {
+                new["metadata"]["ownerReferences"] = Value::Array(kept);
+            }
+            Ok(Write::Put(new))
+        });
     }
 }
 
@@ -1634,92 +1650,122 @@ fn delete_collection(st: &AppState, req: &Req, t: &Target) -> Result<Answer> {
     ))
 }
 
-/// One background pass of the garbage collector: delete objects whose owners are all gone,
-/// drop references to missing owners, and finish foreground deletions.
-pub fn collect_garbage(st: &AppState) {
-    let all = st.store.all();
-    let uids: HashMap<String, (Key, Value)> = all
-        .iter()
-        .filter_map(|(k, o)| {
-            o["metadata"]["uid"]
-                .as_str()
-                .map(|u| (u.to_string(), (k.clone(), o.clone())))
-        })
-        .collect();
-    let info_of = |k: &Key| {
-        st.registry
-            .all()
-            .into_iter()
-            .find(|i| i.group == k.group && i.resource == k.resource)
-    };
-    for (key, obj) in &all {
-        let refs = obj["metadata"]["ownerReferences"]
+/// What the garbage collector decided about one object.
+enum GcAction {
+    /// Delete it: its owners are gone, or its one live owner is being deleted in the foreground.
+    Delete(Key, Propagation),
+    /// Its foreground deletion has no dependents left: drop the `foregroundDeletion` finalizer.
+    Finish(Key),
+}
+
+fn foreground_deleting(obj: &Value) -> bool {
+    !obj["metadata"]["deletionTimestamp"].is_null()
+        && obj["metadata"]["finalizers"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if !refs.is_empty() {
-            let live: Vec<&Value> = refs
-                .iter()
-                .filter(|r| r["uid"].as_str().is_some_and(|u| uids.contains_key(u)))
-                .collect();
-            let owner_foreground = live.iter().any(|r| {
-                r["uid"]
-                    .as_str()
-                    .and_then(|u| uids.get(u))
-                    .is_some_and(|(_, o)| {
-                        !o["metadata"]["deletionTimestamp"].is_null()
-                            && o["metadata"]["finalizers"]
-                                .as_array()
-                                .is_some_and(|f| f.contains(&json!("foregroundDeletion")))
-                    })
-            });
-            if (live.is_empty() || (owner_foreground && live.len() == 1))
-                && obj["metadata"]["deletionTimestamp"].is_null()
-            {
-                if let Some(info) = info_of(key) {
-                    let policy = if owner_foreground {
-                        Propagation::Foreground
-                    } else {
-                        Propagation::Background
-                    };
-                    let _ = delete_one(st, &info, key, policy, &Value::Null, false);
-                }
-                continue;
-            }
+            .is_some_and(|f| f.contains(&json!("foregroundDeletion")))
+}
+
+/// The collector's decision for one object, from the indexes (no copies of the store).
+fn gc_decide(objects: &Objects, key: &Key, obj: &Value) -> Option<GcAction> {
+    let mut refs = owner_uids(obj).peekable();
+    if refs.peek().is_some() {
+        let (mut live, mut owner_foreground) = (0, false);
+        for owner in refs.filter_map(|uid| objects.by_uid(uid)) {
+            live += 1;
+            owner_foreground |= foreground_deleting(owner.1);
         }
-        let finalizers = obj["metadata"]["finalizers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if !obj["metadata"]["deletionTimestamp"].is_null()
-            && finalizers.contains(&json!("foregroundDeletion"))
+        if (live == 0 || (owner_foreground && live == 1))
+            && obj["metadata"]["deletionTimestamp"].is_null()
         {
-            let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
-            let has_dependents = st.store.all().iter().any(|(_, o)| {
-                o["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|rs| rs.iter().any(|r| r["uid"] == json!(uid)))
-            });
-            if !has_dependents {
-                let _ = st.store.write(key, |cur, _| -> Result<Write> {
+            let policy = if owner_foreground {
+                Propagation::Foreground
+            } else {
+                Propagation::Background
+            };
+            return Some(GcAction::Delete(key.clone(), policy));
+        }
+    }
+    if foreground_deleting(obj) {
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+        if objects.dependents(uid).next().is_none() {
+            return Some(GcAction::Finish(key.clone()));
+        }
+    }
+    None
+}
+
+fn gc_apply(st: &AppState, actions: Vec<GcAction>) {
+    for action in actions {
+        match action {
+            GcAction::Delete(key, policy) => {
+                let info = st
+                    .registry
+                    .all()
+                    .into_iter()
+                    .find(|i| i.group == key.group && i.resource == key.resource);
+                if let Some(info) = info {
+                    let _ = delete_one(st, &info, &key, policy, &Value::Null, false);
+                }
+            }
+            GcAction::Finish(key) => {
+                let _ = st.store.write(&key, |cur, _| -> Result<Write> {
                     let Some(cur) = cur else {
                         return Ok(Write::Unchanged(Value::Null));
                     };
-                    let mut new = cur.clone();
-                    let rest: Vec<Value> = finalizers
-                        .iter()
+                    if !foreground_deleting(cur) {
+                        return Ok(Write::Unchanged(cur.clone()));
+                    }
+                    let rest: Vec<Value> = cur["metadata"]["finalizers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
                         .filter(|f| **f != json!("foregroundDeletion"))
                         .cloned()
                         .collect();
                     if rest.is_empty() {
                         return Ok(Write::Delete);
                     }
+                    let mut new = cur.clone();
                     new["metadata"]["finalizers"] = Value::Array(rest);
                     Ok(Write::Put(new))
                 });
             }
         }
     }
+}
+
+/// One full pass of the garbage collector: delete objects whose owners are all gone, and finish
+/// foreground deletions whose dependents are gone.
+pub fn collect_garbage(st: &AppState) {
+    let actions = st.store.read(|objects| {
+        objects
+            .iter()
+            .filter_map(|(k, o)| gc_decide(objects, k, o))
+            .collect()
+    });
+    gc_apply(st, actions);
+}
+
+/// Garbage collection after these changes: looks only at the changed objects, their owners,
+/// the dependents of the ones deleted or being deleted, and the objects waiting in deletion,
+/// so one change costs what it touches, not what the store holds.
+pub fn collect_garbage_after(st: &AppState, events: &[Arc<Event>]) {
+    let actions = st.store.read(|objects| {
+        let mut keys: BTreeSet<&Key> = objects.deleting().collect();
+        for ev in events {
+            keys.insert(&ev.key);
+            let going = ev.kind == EventType::Deleted
+                || !ev.object["metadata"]["deletionTimestamp"].is_null();
+            if going && let Some(uid) = ev.object["metadata"]["uid"].as_str() {
+                keys.extend(objects.dependents(uid));
+            }
+            keys.extend(owner_uids(&ev.object).filter_map(|u| objects.by_uid(u).map(|(k, _)| k)));
+        }
+        keys.into_iter()
+            .filter_map(|k| objects.get(k).and_then(|o| gc_decide(objects, k, o)))
+            .collect()
+    });
+    gc_apply(st, actions);
 }
 
 fn watch_event(kind: &str, object: Value) -> Bytes {

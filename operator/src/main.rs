@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::jiff::Timestamp;
 use whaleflux_crds::InterNodeNetwork;
-use whaleflux_operator::plan_cmd;
 use whaleflux_operator::planner::{self, PlanError, PlanRequest, Pool};
+use whaleflux_operator::{local, plan_cmd};
 
 /// WhaleFlux runs large language models across GPU clusters.
 #[derive(Parser)]
@@ -21,6 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the Kubernetes operator: reconcile GpuPools and LlmDeployments into worker groups
+    /// (uses the kubeconfig, or the in-cluster service account). Exits 0 on SIGTERM, 1 when
+    /// leadership is lost.
+    Operator(OperatorArgs),
     /// Print the LlmDeployment and GpuPool CustomResourceDefinitions as YAML
     /// (`whaleflux crd | kubectl apply -f -`).
     Crd,
@@ -31,6 +35,58 @@ enum Command {
     /// mistral-7b. GPU models: H100, H100-PCIe, H200, A100-80GB, A100-40GB, RTX4090, L40S (or a
     /// nvidia.com/gpu.product label). Exits 2 when no split fits or a fixed split is illegal.
     Plan(PlanArgs),
+    /// Run an LlmDeployment on this machine: plan it on the local GPUs (through NVML) or CPU
+    /// slots, start one `whaleflux-worker` process per rank, and serve the OpenAI-compatible API
+    /// on localhost until Ctrl-C. A worker that dies restarts the group (within
+    /// spec.failover.restartBudget per hour). Exits 2 when the plan is impossible.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// LlmDeployment manifest.
+    #[arg(short = 'f', long = "file", value_name = "DEPLOYMENT.yaml")]
+    file: PathBuf,
+    /// Tensor parallel ranks per stage (overrides spec.parallelism.tensorParallel).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    tensor_parallel: Option<u32>,
+    /// Pipeline stages (overrides spec.parallelism.pipelineParallel).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pipeline_parallel: Option<u32>,
+    /// Run a stage's tensor-parallel ranks as threads of one process, or one process each.
+    #[arg(long, value_enum, default_value_t = TpModeArg::Threads)]
+    tp_mode: TpModeArg,
+    /// Port of the OpenAI-compatible API (default: spec.serving.port).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Address the workers listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// GGUF model file (default: $WHALEFLUX_MODEL, else spec.model.weights.source.path).
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// CPU threads per worker process (default: the cores shared out among the processes).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Plan on GPUs found through NVML, on CPU slots, or (auto) GPUs when there are any.
+    #[arg(long, value_enum, default_value_t = DevicesArg::Auto)]
+    devices: DevicesArg,
+    /// Seconds the worker group may take to become ready.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    ready_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TpModeArg {
+    Threads,
+    Processes,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DevicesArg {
+    Auto,
+    Gpu,
+    Cpu,
 }
 
 #[derive(clap::Args)]
@@ -83,13 +139,19 @@ enum Output {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Operator(args) => operator(args),
         Command::Crd => crd(),
         Command::Plan(args) => plan(&args),
+        Command::Run(args) => run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,4 +216,84 @@ fn plan(args: &PlanArgs) -> anyhow::Result<()> {
     std::io::stdout()
         .write_all(text.as_bytes())
         .context("writing the plan to standard output")
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let opts = local::RunOptions {
+        file: args.file,
+        tensor_parallel: args.tensor_parallel,
+        pipeline_parallel: args.pipeline_parallel,
+        tp_mode: match args.tp_mode {
+            TpModeArg::Threads => local::TpMode::Threads,
+            TpModeArg::Processes => local::TpMode::Processes,
+        },
+        port: args.port,
+        host: args.host,
+        model: args.model,
+        threads: args.threads,
+        devices: match args.devices {
+            DevicesArg::Auto => local::DeviceChoice::Auto,
+            DevicesArg::Gpu => local::DeviceChoice::Gpu,
+            DevicesArg::Cpu => local::DeviceChoice::Cpu,
+        },
+        ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
+    };
+    match local::run(&opts) {
+        // The planner's sentence as it is, so main gives it exit status 2 when infeasible.
+        Err(local::RunError::Plan(e)) => Err(e.into()),
+        other => other.map_err(Into::into),
+    }
+}
+
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "WHALEFLUX_METRICS_ADDR")]
+    metrics_addr: std::net::SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "whaleflux-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This process's identity in the Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader keeps the Lease without renewing it; a standby takes over after this.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    lease_duration_seconds: u64,
+    /// Reconciles at once per controller (0 = unbounded).
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+}
+
+fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    use whaleflux_operator::controller::{self, LeaseConfig, OperatorConfig};
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "whaleflux".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let duration = Duration::from_secs(args.lease_duration_seconds);
+    let cfg = OperatorConfig {
+        listen: args.metrics_addr,
+        lease: LeaseConfig {
+            name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration,
+            renew_every: duration / 3,
+            retry_every: (duration / 5).max(Duration::from_millis(500)),
+        },
+        concurrency: args.concurrency,
+    };
+    tracing::info!(identity = %cfg.lease.identity, "starting the WhaleFlux operator");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(controller::run(cfg))?;
+    Ok(())
 }

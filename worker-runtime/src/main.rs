@@ -56,6 +56,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         max_body: usize,
     },
+    /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
+    /// each against one rank in the same run); prints JSON.
+    BenchShard {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// CPU threads in all.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Tokens to decode per measurement (and per request in the throughput runs).
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Concurrent requests in the throughput runs.
+        #[arg(long, default_value_t = 8)]
+        concurrent: usize,
+    },
     /// Measure decode and prefill speed; prints JSON.
     Bench {
         /// GGUF model file.
@@ -70,11 +86,14 @@ enum Cmd {
         /// Prompt tokens to prefill.
         #[arg(long, default_value_t = 500)]
         prefill_tokens: usize,
+        /// Dequantize the weights to f32 (the reference path: f32 matmuls, f32 activations).
+        #[arg(long)]
+        f32: bool,
     },
 }
 
-/// Read a worker configuration and check this process can run its part of the plan.
-fn read_config(path: &std::path::Path) -> anyhow::Result<whaleflux_crds::WorkerConfig> {
+/// Read a worker configuration and find this process's stage.
+fn read_config(path: &std::path::Path) -> anyhow::Result<(whaleflux_crds::WorkerConfig, usize)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the worker config {}", path.display()))?;
     let cfg: whaleflux_crds::WorkerConfig = serde_json::from_str(&text)
@@ -83,16 +102,67 @@ fn read_config(path: &std::path::Path) -> anyhow::Result<whaleflux_crds::WorkerC
     let stage = cfg
         .resolve_stage(pod.as_deref())
         .with_context(|| format!("worker config {}", path.display()))?;
-    if cfg.plan.tensor_parallel != 1 || cfg.plan.pipeline_parallel != 1 {
-        anyhow::bail!(
-            "{}: this worker runs single-rank plans only (tensorParallel 1, pipelineParallel 1); the plan has {}x{}",
+    tracing::info!(
+        deployment = %cfg.deployment,
+        group = cfg.group,
+        stage,
+        tp_rank = ?cfg.tp_rank,
+        tp = cfg.plan.tensor_parallel,
+        pp = cfg.plan.pipeline_parallel,
+        "worker config read"
+    );
+    Ok((cfg, stage as usize))
+}
+
+/// Log why the group failed and exit non-zero, so the supervisor (kubelet or `whaleflux run`)
+/// restarts the group.
+fn die(reason: &str) -> ! {
+    tracing::error!(reason, "the replica group failed; exiting");
+    whaleflux_worker::comm::tcp::abort_all(reason);
+    eprintln!("whaleflux-worker: the replica group failed: {reason}");
+    std::process::exit(3)
+}
+
+/// Serve one process of a replica group from its rendered configuration.
+async fn serve_config(path: &std::path::Path, host: &str, max_body: usize) -> anyhow::Result<()> {
+    let (cfg, stage) = read_config(path)?;
+    let port = u16::try_from(cfg.ports.http).with_context(|| {
+        format!(
+            "{}: ports.http {} is not a port",
             path.display(),
-            cfg.plan.tensor_parallel,
-            cfg.plan.pipeline_parallel
-        );
+            cfg.ports.http
+        )
+    })?;
+    let name = cfg.model.served_name.clone();
+    let hook: whaleflux_worker::comm::tcp::FailHook = Arc::new(|e| die(&e.to_string()));
+    let group = whaleflux_worker::GroupProcess::new(cfg, stage, host, Some(hook))
+        .context("cannot join the replica group")?;
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(name.clone(), metrics.clone());
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    tracing::info!(addr = %listener.local_addr()?, model = %name, stage, api = group.serves_api(), "listening");
+    let app = router(state.clone(), max_body);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let started =
+        tokio::task::spawn_blocking(move || group.start(metrics, Arc::new(|e: String| die(&e))))
+            .await?;
+    match started {
+        Ok(Some(loaded)) => {
+            let _ = state.loaded.set(loaded);
+            tracing::info!("group connected and loaded, serving the API");
+        }
+        Ok(None) => {
+            state
+                .peer_ready
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("rank connected and loaded");
+        }
+        Err(e) => die(&format!("{e}")),
     }
-    tracing::info!(deployment = %cfg.deployment, group = cfg.group, stage, "worker config read");
-    Ok(cfg)
+    server.await??;
+    Ok(())
 }
 
 #[tokio::main]
@@ -108,32 +178,17 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve {
             model,
             config,
-            mut threads,
-            mut port,
+            threads,
+            port,
             host,
-            mut model_name,
-            mut ctx,
-            mut max_batch,
-            mut max_queue,
+            model_name,
+            ctx,
+            max_batch,
+            max_queue,
             max_body,
         } => {
             let model = match (model, config) {
-                (_, Some(path)) => {
-                    let cfg = read_config(&path)?;
-                    threads = usize::try_from(cfg.threads).unwrap_or(0);
-                    port = u16::try_from(cfg.ports.http).with_context(|| {
-                        format!(
-                            "{}: ports.http {} is not a port",
-                            path.display(),
-                            cfg.ports.http
-                        )
-                    })?;
-                    model_name = Some(cfg.model.served_name.clone());
-                    ctx = usize::try_from(cfg.serving.max_context_length).unwrap_or(0);
-                    max_batch = usize::try_from(cfg.serving.max_concurrent_sequences).unwrap_or(1);
-                    max_queue = usize::try_from(cfg.serving.max_queue).unwrap_or(0);
-                    PathBuf::from(&cfg.model.path)
-                }
+                (_, Some(path)) => return serve_config(&path, &host, max_body).await,
                 (Some(m), None) => m,
                 (None, None) => anyhow::bail!("give --model FILE or --config FILE"),
             };
@@ -165,13 +220,34 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("model loaded, ready");
             server.await??;
         }
+        Cmd::BenchShard {
+            model,
+            threads,
+            tokens,
+            concurrent,
+        } => {
+            let g = whaleflux_worker::model::gguf::Gguf::open(&model)
+                .context("cannot open the model")?;
+            let out = tokio::task::spawn_blocking(move || {
+                whaleflux_worker::engine::bench::run(&g, threads, tokens, concurrent)
+            })
+            .await?
+            .context("benchmark failed")?;
+            println!("{out}");
+        }
         Cmd::Bench {
             model,
             threads,
             decode_tokens,
             prefill_tokens,
+            f32,
         } => {
-            let rt = Runtime::load(&model, threads).context("cannot load the model")?;
+            let opts = if f32 {
+                whaleflux_worker::shard::LoadOptions::f32()
+            } else {
+                whaleflux_worker::shard::LoadOptions::default()
+            };
+            let rt = Runtime::load_with(&model, threads, opts).context("cannot load the model")?;
             let be = rt.backend.as_ref();
             let prompt = rt.tokenizer.encode("The capital of France is")?;
             // Warm-up.
@@ -224,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
                     "engine": "whaleflux",
                     "backend": be.name(),
                     "threads": threads,
+                    "weights": if f32 { "f32" } else { "as-stored" },
                     "decode_tokens": decode_tokens,
                     "decode_tok_s": decode_tokens as f64 / decode_s,
                     "prefill_tokens": prefill_tokens,

@@ -1,11 +1,15 @@
-//! Which part of the model this rank owns. Today a rank owns the whole model; the view is shaped
-//! so the sharded issue can hand each tensor-parallel rank a row or column slice and each pipeline
-//! stage a layer range without changing the forward pass.
+//! Which part of the model this rank owns, derived from the [`Plan`]: a pipeline stage runs a
+//! layer range, a tensor-parallel rank holds a row slice (column-parallel Q/K/V, gate, up) or a
+//! column slice (row-parallel attention output, down) of each weight. The loader copies only
+//! those bytes out of the memory-mapped file, so a rank never holds another rank's weights.
 
 use std::ops::Range;
 
+use whaleflux_crds::Plan;
+
 use crate::backend::Weight;
-use crate::model::gguf::{Gguf, GgufError};
+use crate::model::config::LlamaConfig;
+use crate::model::gguf::{GgmlType, Gguf, GgufError};
 
 /// The slice of the model one rank loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +20,58 @@ pub struct ShardSpec {
     pub tp_rank: usize,
     /// Tensor-parallel world size.
     pub tp_size: usize,
+    /// This rank embeds the tokens (TP rank 0 of the first stage; it hands the embedded rows to
+    /// its tensor-parallel peers).
+    pub embedding: bool,
+    /// This rank computes the final norm and the output head (TP rank 0 of the last stage).
+    pub head: bool,
+}
+
+/// Why a plan cannot be turned into a shard of this model.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShardError {
+    /// The plan's stage does not exist.
+    #[error("stage {stage} is not in the plan ({stages} stages)")]
+    NoStage {
+        /// Stage asked for.
+        stage: usize,
+        /// Stages in the plan.
+        stages: usize,
+    },
+    /// The stage's layer range does not fit the model.
+    #[error("stage {stage} runs layers {start}..{end}, but the model has {layers}")]
+    Layers {
+        /// Stage.
+        stage: usize,
+        /// First layer.
+        start: i32,
+        /// End of the range.
+        end: i32,
+        /// Layers in the model.
+        layers: usize,
+    },
+    /// The tensor-parallel size does not divide the model.
+    #[error(
+        "tensorParallel {tp} does not fit the model: {heads} heads and {kv_heads} KV heads need heads % TP == 0 and (KV heads % TP == 0 or TP % KV heads == 0), FFN {ffn} must split into 32-wide blocks"
+    )]
+    Tp {
+        /// TP size.
+        tp: usize,
+        /// Query heads.
+        heads: usize,
+        /// KV heads.
+        kv_heads: usize,
+        /// FFN width.
+        ffn: usize,
+    },
+    /// The TP rank is outside the group.
+    #[error("tensor-parallel rank {rank} is outside tensorParallel {tp}")]
+    Rank {
+        /// Rank.
+        rank: usize,
+        /// TP size.
+        tp: usize,
+    },
 }
 
 impl ShardSpec {
@@ -25,12 +81,84 @@ impl ShardSpec {
             layers: 0..n_layers,
             tp_rank: 0,
             tp_size: 1,
+            embedding: true,
+            head: true,
         }
     }
 
-    /// Whether this stage embeds the tokens (the first stage).
+    /// The shard of (`stage`, `tp_rank`) in `plan` for a model of shape `cfg`; checks the split
+    /// is legal by the planner's rule.
+    pub fn from_plan(
+        plan: &Plan,
+        stage: usize,
+        tp_rank: usize,
+        cfg: &LlamaConfig,
+    ) -> Result<Self, ShardError> {
+        let st = plan.stages.get(stage).ok_or(ShardError::NoStage {
+            stage,
+            stages: plan.stages.len(),
+        })?;
+        let [start, end] = st.layers;
+        if start < 0 || end < start || end as usize > cfg.n_layers {
+            return Err(ShardError::Layers {
+                stage,
+                start,
+                end,
+                layers: cfg.n_layers,
+            });
+        }
+        let tp = usize::try_from(plan.tensor_parallel).unwrap_or(0).max(1);
+        let legal = cfg.n_heads.is_multiple_of(tp)
+            && (cfg.n_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(cfg.n_kv_heads))
+            && cfg.ffn.is_multiple_of(tp * 32)
+            && (cfg.n_heads / tp * cfg.head_dim()).is_multiple_of(32);
+        if !legal {
+            return Err(ShardError::Tp {
+                tp,
+                heads: cfg.n_heads,
+                kv_heads: cfg.n_kv_heads,
+                ffn: cfg.ffn,
+            });
+        }
+        if tp_rank >= tp {
+            return Err(ShardError::Rank { rank: tp_rank, tp });
+        }
+        Ok(Self {
+            layers: start as usize..end as usize,
+            tp_rank,
+            tp_size: tp,
+            embedding: stage == 0 && tp_rank == 0,
+            head: stage + 1 == plan.stages.len() && tp_rank == 0,
+        })
+    }
+
+    /// Whether this stage embeds the tokens.
     pub fn has_embedding(&self) -> bool {
-        self.layers.start == 0
+        self.embedding
+    }
+
+    /// Query heads this rank attends with.
+    pub fn local_heads(&self, n_heads: usize) -> usize {
+        n_heads / self.tp_size.max(1)
+    }
+
+    /// KV heads this rank holds: its share when they split evenly, else one replicated head.
+    pub fn local_kv_heads(&self, n_kv_heads: usize) -> usize {
+        (n_kv_heads / self.tp_size.max(1)).max(1)
+    }
+
+    /// How this rank takes the K and V projections: split by rows like Q, or (more ranks than
+    /// KV heads) the one KV head its query heads use, replicated over `tp / kv_heads` ranks.
+    pub fn kv_split(&self, n_kv_heads: usize) -> Split {
+        let tp = self.tp_size.max(1);
+        if n_kv_heads.is_multiple_of(tp) {
+            Split::Rows
+        } else {
+            Split::RowBlock {
+                index: self.tp_rank / (tp / n_kv_heads),
+                count: n_kv_heads,
+            }
+        }
     }
 }
 
@@ -43,9 +171,80 @@ pub enum Split {
     Rows,
     /// Input features are divided (attention output, down).
     Cols,
+    /// Block `index` of `count` equal row blocks (a replicated KV head).
+    RowBlock {
+        /// Block taken.
+        index: usize,
+        /// Blocks the rows divide into.
+        count: usize,
+    },
 }
 
-/// Copy this rank's part of tensor `name` out of the file.
+/// How a rank keeps the weights it loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As encoded in the file: quantized matmuls against activations rounded to 8 bits per
+    /// 32-wide block. The serving path.
+    #[default]
+    AsStored,
+    /// Each rank dequantizes its own slice to f32 after sharding, so every matmul runs in f32
+    /// with f32 activations. A reference path for checking that a sharded group computes what
+    /// one rank computes (tight tolerances); it holds 4 bytes per weight and runs slower.
+    F32,
+}
+
+/// Options for loading a rank's weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Keep the file's encoding or dequantize to f32.
+    pub weights: WeightFormat,
+}
+
+impl LoadOptions {
+    /// The f32 reference path ([`WeightFormat::F32`]).
+    pub fn f32() -> Self {
+        Self {
+            weights: WeightFormat::F32,
+        }
+    }
+}
+
+/// `w` decoded to f32 (row by row, so only this rank's slice is ever expanded).
+pub fn dequantize_weight(w: &Weight) -> Weight {
+    if w.ty == GgmlType::F32 {
+        return w.clone();
+    }
+    let mut row = vec![0f32; w.cols];
+    let mut data = Vec::with_capacity(w.rows * w.cols * 4);
+    for r in 0..w.rows {
+        w.dequantize_row(r, &mut row);
+        data.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Weight {
+        ty: GgmlType::F32,
+        rows: w.rows,
+        cols: w.cols,
+        data,
+    }
+}
+
+/// [`load_weight`], then converted to `format`.
+pub fn load_weight_as(
+    g: &Gguf,
+    name: &str,
+    spec: &ShardSpec,
+    split: Split,
+    format: WeightFormat,
+) -> Result<Weight, GgufError> {
+    let w = load_weight(g, name, spec, split)?;
+    Ok(match format {
+        WeightFormat::AsStored => w,
+        WeightFormat::F32 => dequantize_weight(&w),
+    })
+}
+
+/// Copy this rank's part of tensor `name` out of the file. Only the bytes of the slice are
+/// read from the mapping; the rest of the tensor is never touched.
 pub fn load_weight(
     g: &Gguf,
     name: &str,
@@ -75,35 +274,38 @@ pub fn load_weight(
     let rb = w.row_bytes();
     let n = spec.tp_size.max(1);
     let k = spec.tp_rank;
-    let uneven = |what: &str, len: usize| GgufError::BadTensor {
+    let uneven = |what: &str, len: usize, parts: usize| GgufError::BadTensor {
         tensor: name.into(),
         offset: t.offset,
-        reason: format!("{what} {len} cannot be split evenly over {n} tensor-parallel ranks"),
+        reason: format!("{what} {len} cannot be split evenly into {parts} tensor-parallel parts"),
+    };
+    let row_block = |index: usize, count: usize| -> Result<Weight, GgufError> {
+        if count == 0 || rows % count != 0 || index >= count {
+            return Err(uneven("rows", rows, count));
+        }
+        let per = rows / count;
+        Ok(Weight {
+            ty: t.ty,
+            rows: per,
+            cols,
+            data: data[index * per * rb..(index + 1) * per * rb].to_vec(),
+        })
     };
     Ok(match split {
-        _ if n == 1 => Weight {
-            data: data.to_vec(),
-            ..w
-        },
         Split::Replicated => Weight {
             data: data.to_vec(),
             ..w
         },
-        Split::Rows => {
-            if rows % n != 0 {
-                return Err(uneven("rows", rows));
-            }
-            let per = rows / n;
-            Weight {
-                rows: per,
-                data: data[k * per * rb..(k + 1) * per * rb].to_vec(),
-                ..w
-            }
-        }
+        _ if n == 1 => Weight {
+            data: data.to_vec(),
+            ..w
+        },
+        Split::Rows => row_block(k, n)?,
+        Split::RowBlock { index, count } => row_block(index, count)?,
         Split::Cols => {
             let be = t.ty.block_elems() as usize;
             if cols % (n * be) != 0 {
-                return Err(uneven("columns", cols));
+                return Err(uneven("columns", cols, n));
             }
             let per_b = rb / n;
             let mut out = Vec::with_capacity(rows * per_b);
@@ -119,6 +321,47 @@ pub fn load_weight(
     })
 }
 
+/// A plan of `tp` x `pp` ranks for a model of `n_layers`, with the planner's layer split (the
+/// extra layers go to stages 1, 2, ...). Used where a fixed split is run without the planner: the
+/// benchmark and in-process groups.
+pub fn fixed_plan(model: &str, n_layers: usize, tp: usize, pp: usize) -> Plan {
+    let pp = pp.clamp(1, n_layers.max(1));
+    let (base, extra) = (n_layers / pp, n_layers % pp);
+    let mut start = 0;
+    let stages = (0..pp)
+        .map(|s| {
+            let n = base + usize::from(s >= 1 && s <= extra);
+            let st = whaleflux_crds::StagePlan {
+                index: s as i32,
+                layers: [start as i32, (start + n) as i32],
+                node: "local".into(),
+                gpus: tp as i32,
+                embedding: s == 0,
+                head: s + 1 == pp,
+            };
+            start += n;
+            st
+        })
+        .collect();
+    Plan {
+        model: model.into(),
+        dtype: whaleflux_crds::WeightDtype::default(),
+        gpu_model: "cpu".into(),
+        objective: whaleflux_crds::Objective::default(),
+        tensor_parallel: tp as i32,
+        pipeline_parallel: pp as i32,
+        replicas: 1,
+        gpus_per_replica: (tp * pp) as i32,
+        crosses_nodes: false,
+        stages,
+        groups: Vec::new(),
+        memory_per_gpu_bytes: Default::default(),
+        estimate: Default::default(),
+        notes: Vec::new(),
+        rejected: Vec::new(),
+    }
+}
+
 /// Read a 1-D tensor (a norm) as f32.
 pub fn load_vector(g: &Gguf, name: &str, spec: &ShardSpec) -> Result<Vec<f32>, GgufError> {
     let w = load_weight(g, name, spec, Split::Replicated)?;
@@ -127,4 +370,74 @@ pub fn load_vector(g: &Gguf, name: &str, spec: &ShardSpec) -> Result<Vec<f32>, G
         w.dequantize_row(r, o);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(heads: usize, kv: usize) -> LlamaConfig {
+        LlamaConfig {
+            n_layers: 30,
+            hidden: 576,
+            n_heads: heads,
+            n_kv_heads: kv,
+            ffn: 1536,
+            vocab: 100,
+            context: 2048,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+        }
+    }
+
+    fn spec(rank: usize, tp: usize) -> ShardSpec {
+        ShardSpec {
+            layers: 0..1,
+            tp_rank: rank,
+            tp_size: tp,
+            embedding: false,
+            head: false,
+        }
+    }
+
+    #[test]
+    fn kv_heads_split_when_they_divide_and_replicate_when_tp_is_larger() {
+        // 3 KV heads over 3 ranks: one each, split by rows.
+        assert_eq!(spec(1, 3).kv_split(3), Split::Rows);
+        assert_eq!(spec(1, 3).local_kv_heads(3), 1);
+        // 4 KV heads over 8 ranks: ranks 2 and 3 share KV head 1.
+        assert_eq!(
+            spec(3, 8).kv_split(4),
+            Split::RowBlock { index: 1, count: 4 }
+        );
+        assert_eq!(spec(3, 8).local_kv_heads(4), 1);
+        assert_eq!(spec(3, 8).local_heads(32), 4);
+    }
+
+    #[test]
+    fn plan_stages_map_to_layer_ranges_embedding_and_head() {
+        let mut plan = fixed_plan("m", 30, 3, 2);
+        assert_eq!(fixed_plan("m", 30, 1, 4).stages[1].layers, [7, 15]);
+        let c = cfg(9, 3);
+        let s = ShardSpec::from_plan(&plan, 1, 0, &c).expect("shard");
+        assert_eq!(s.layers, 15..30);
+        assert!(s.head && !s.embedding);
+        let s = ShardSpec::from_plan(&plan, 0, 2, &c).expect("shard");
+        assert!(!s.head && !s.embedding);
+        assert_eq!(
+            ShardSpec::from_plan(&plan, 0, 3, &c),
+            Err(ShardError::Rank { rank: 3, tp: 3 })
+        );
+        plan.tensor_parallel = 2;
+        assert!(matches!(
+            ShardSpec::from_plan(&plan, 0, 0, &c),
+            Err(ShardError::Tp { tp: 2, .. })
+        ));
+        plan.stages[1].layers = [15, 31];
+        plan.tensor_parallel = 1;
+        assert!(matches!(
+            ShardSpec::from_plan(&plan, 1, 0, &c),
+            Err(ShardError::Layers { .. })
+        ));
+    }
 }

@@ -32,6 +32,53 @@ impl GpuSpec {
     pub fn memory_bytes(&self) -> u64 {
         (self.memory_gib * (1u64 << 30) as f64) as u64
     }
+
+    /// Whether a node's device label names this entry: its short name or one of its labels,
+    /// ignoring ASCII case and surrounding space.
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.trim();
+        self.short_name.eq_ignore_ascii_case(name)
+            || self.labels.iter().any(|l| l.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Device label of a CPU slot (see [`cpu_slot`]).
+pub const CPU_SLOT: &str = "CPU";
+
+/// Rough DRAM bandwidth one core streams, GB/s. A desktop or server core reads 10-20 GB/s
+/// from memory; the worker's decode on this project's 2-core CI machine reads the SmolLM2
+/// weights at about 9.7 GB/s in all (113 tokens/s x 84 MB), so the low end is used.
+const CPU_CORE_MEMORY_GBPS: f64 = 5.0;
+/// Rough compute of one core in TFLOPS for the worker's quantized kernels: prefill of
+/// ~300 tokens/s on 2 cores x 2 x 135 M parameters is ~40 GFLOPS per core.
+const CPU_CORE_TFLOPS: f64 = 0.04;
+/// Link between processes on one host (loopback TCP), both directions, GB/s: the cost model
+/// halves it to ~8 GB/s one way and adds the PCIe latency (20 us), about what loopback TCP
+/// between two processes does.
+const CPU_LOOPBACK_GBPS: f64 = 16.0;
+
+/// A CPU "slot": one local worker process's share of a machine without a usable GPU, as a
+/// device the planner understands, so `whaleflux run` plans CPU processes with the same code
+/// as GPU pods. Memory is `memory_bytes` (the caller's share of RAM for one process); memory
+/// bandwidth and compute scale with `cores` (the cores the slot gets, possibly a fraction when
+/// processes outnumber cores) from rough per-core figures above; slots talk over loopback,
+/// modelled as the intra-node (PCIe-like) link. The planner's estimate for slots is as rough
+/// as these figures.
+pub fn cpu_slot(memory_bytes: u64, cores: f64) -> GpuSpec {
+    let cores = if cores.is_finite() && cores > 0.0 {
+        cores
+    } else {
+        1.0
+    };
+    GpuSpec {
+        short_name: CPU_SLOT,
+        memory_gib: memory_bytes as f64 / (1u64 << 30) as f64,
+        hbm_gbps: CPU_CORE_MEMORY_GBPS * cores,
+        bf16_tflops: CPU_CORE_TFLOPS * cores,
+        nvlink_gbps: 0.0,
+        pcie_gbps: CPU_LOOPBACK_GBPS,
+        labels: &["cpu"],
+    }
 }
 
 /// Every GPU the planner knows, in a fixed order (the order ties are broken in).
@@ -145,15 +192,11 @@ pub const CATALOG: &[GpuSpec] = &[
 /// Finds the catalog entry for a short name or a `nvidia.com/gpu.product` label (exact match,
 /// ignoring ASCII case), so both GPU feature discovery labels and pool overrides work.
 pub fn lookup(name: &str) -> Result<&'static GpuSpec, PlanError> {
-    let name = name.trim();
     CATALOG
         .iter()
-        .find(|g| {
-            g.short_name.eq_ignore_ascii_case(name)
-                || g.labels.iter().any(|l| l.eq_ignore_ascii_case(name))
-        })
+        .find(|g| g.matches(name))
         .ok_or_else(|| PlanError::UnknownGpu {
-            label: name.to_string(),
+            label: name.trim().to_string(),
             known: short_names().join(", "),
         })
 }
@@ -200,6 +243,21 @@ mod tests {
         let err = lookup("NVIDIA-B200").unwrap_err().to_string();
         assert!(err.contains("NVIDIA-B200"), "{err}");
         assert!(err.contains("spec.gpu.model"), "{err}");
+    }
+
+    #[test]
+    fn cpu_slot_scales_with_cores_and_is_not_in_the_catalog() {
+        let one = cpu_slot(4 << 30, 1.0);
+        let two = cpu_slot(4 << 30, 2.0);
+        assert_eq!(one.memory_bytes(), 4 << 30);
+        assert!((two.hbm_gbps - 2.0 * one.hbm_gbps).abs() < 1e-9);
+        assert!((two.bf16_tflops - 2.0 * one.bf16_tflops).abs() < 1e-9);
+        assert_eq!(one.nvlink_gbps, 0.0);
+        assert!(one.matches("cpu") && one.matches(CPU_SLOT));
+        // Oversubscribed slots get a fraction of a core; nonsense falls back to one core.
+        assert!(cpu_slot(1 << 30, 0.5).hbm_gbps < one.hbm_gbps);
+        assert_eq!(cpu_slot(1 << 30, f64::NAN).hbm_gbps, one.hbm_gbps);
+        assert!(lookup("CPU").is_err());
     }
 
     #[test]

@@ -61,8 +61,8 @@ struct Fit {
 
 /// One evaluated (GPU model, TP, PP).
 #[derive(Debug, Clone)]
-struct Candidate {
-    gpu: &'static GpuSpec,
+struct Candidate<'a> {
+    gpu: &'a GpuSpec,
     tp: u32,
     pp: u32,
     tier: Tier,
@@ -71,7 +71,7 @@ struct Candidate {
     outcome: Result<Fit, Failure>,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     fn gpus(&self) -> u32 {
         self.tp * self.pp
     }
@@ -83,15 +83,20 @@ impl Candidate {
 
 /// The nodes of one GPU model, and the links the planner assumes for them.
 struct ModelNodes<'a> {
-    gpu: &'static GpuSpec,
-    nodes: Vec<&'a UsableNode>,
+    gpu: &'a GpuSpec,
+    nodes: Vec<&'a UsableNode<'a>>,
     free: Vec<u32>,
     intra: Link,
     nvlink_in_node: bool,
     network: Link,
 }
 
-pub(crate) fn plan(req: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Plan, PlanError> {
+pub(crate) fn plan(
+    req: &PlanRequest,
+    pool: &Pool,
+    devices: &[GpuSpec],
+    now: Timestamp,
+) -> Result<Plan, PlanError> {
     let model = &req.model;
     if let Some(tp) = req.tensor_parallel {
         check_tp(model, tp)?;
@@ -99,7 +104,7 @@ pub(crate) fn plan(req: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Pla
     if let Some(pp) = req.pipeline_parallel {
         check_pp(model, pp)?;
     }
-    let health = usable_nodes(pool, now)?;
+    let health = usable_nodes(pool, devices, now)?;
     if health.usable.is_empty() {
         let detail = if health.left_out.is_empty() {
             "it lists no nodes (status.nodes is empty)".to_string()
@@ -109,7 +114,7 @@ pub(crate) fn plan(req: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Pla
         return Err(PlanError::NoUsableGpus { detail });
     }
 
-    let mut gpus: Vec<&'static GpuSpec> = Vec::new();
+    let mut gpus: Vec<&GpuSpec> = Vec::new();
     for n in &health.usable {
         if !gpus.iter().any(|g| g.short_name == n.gpu.short_name) {
             gpus.push(n.gpu);
@@ -147,7 +152,7 @@ pub(crate) fn plan(req: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Pla
     };
     let place_groups = req.replicas.max(1);
 
-    let mut options: Vec<Candidate> = Vec::new();
+    let mut options: Vec<Candidate<'_>> = Vec::new();
     for mn in &by_model {
         let total: u64 = mn.free.iter().map(|&f| u64::from(f)).sum();
         for &tp in &tps {
@@ -200,7 +205,7 @@ pub(crate) fn plan(req: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Pla
         let mut rest: Vec<usize> = (0..options.len()).filter(|&i| i != chosen_ix).collect();
         rest.sort_by(|&a, &b| {
             let (oa, ob) = (&options[a], &options[b]);
-            let rank = |o: &Candidate, i: usize| match &o.outcome {
+            let rank = |o: &Candidate<'_>, i: usize| match &o.outcome {
                 Ok(_) => (0u8, fit_rank[i] as f64),
                 Err(f) => (1 + f.rank(), failure_key(o, f)),
             };
@@ -387,7 +392,7 @@ fn list_capped(items: &[String], cap: usize) -> String {
     s
 }
 
-fn rejected(o: &Candidate, reason: String, multi_model: bool) -> RejectedOption {
+fn rejected(o: &Candidate<'_>, reason: String, multi_model: bool) -> RejectedOption {
     RejectedOption {
         tensor_parallel: o.tp as i32,
         pipeline_parallel: o.pp as i32,
@@ -399,7 +404,7 @@ fn rejected(o: &Candidate, reason: String, multi_model: bool) -> RejectedOption 
     }
 }
 
-fn failure_key(o: &Candidate, f: &Failure) -> f64 {
+fn failure_key(o: &Candidate<'_>, f: &Failure) -> f64 {
     match f {
         Failure::Memory { over, .. } => *over,
         Failure::Room(_) | Failure::Spans(_) => f64::from(o.gpus()),
@@ -408,7 +413,7 @@ fn failure_key(o: &Candidate, f: &Failure) -> f64 {
 
 /// Orders fitting options, best first, by the objective; ties go to fewer GPUs, lower TP,
 /// fewer stages, then catalog order — so the choice is deterministic.
-fn compare(objective: Objective, a: &Candidate, b: &Candidate) -> Ordering {
+fn compare(objective: Objective, a: &Candidate<'_>, b: &Candidate<'_>) -> Ordering {
     let (fa, fb) = match (&a.outcome, &b.outcome) {
         (Ok(fa), Ok(fb)) => (fa, fb),
         _ => return Ordering::Equal,
@@ -424,7 +429,13 @@ fn compare(objective: Objective, a: &Candidate, b: &Candidate) -> Ordering {
     primary.then(a.key().cmp(&b.key()))
 }
 
-fn fit_reason(objective: Objective, o: &Candidate, f: &Fit, c: &Candidate, cf: &Fit) -> String {
+fn fit_reason(
+    objective: Objective,
+    o: &Candidate<'_>,
+    f: &Fit,
+    c: &Candidate<'_>,
+    cf: &Fit,
+) -> String {
     let name = format!("TP {} x PP {}", c.tp, c.pp);
     match objective {
         Objective::MinGpus if o.gpus() > c.gpus() => format!(
@@ -468,14 +479,14 @@ fn same_domain(mn: &ModelNodes<'_>, place: &StagePlace) -> bool {
 
 /// Evaluates one option: memory of every stage, room for every replica group, and the
 /// estimate of the slowest group.
-fn evaluate(
+fn evaluate<'a>(
     req: &PlanRequest,
-    mn: &ModelNodes<'_>,
+    mn: &ModelNodes<'a>,
     tp: u32,
     pp: u32,
     groups: u32,
     tier: Tier,
-) -> Candidate {
+) -> Candidate<'a> {
     let model = &req.model;
     let gpu = mn.gpu;
     let layers = split_layers(model.layers, pp);
@@ -623,7 +634,7 @@ fn nothing_fits(
     req: &PlanRequest,
     by_model: &[ModelNodes<'_>],
     left_out: &[String],
-    mut options: Vec<Candidate>,
+    mut options: Vec<Candidate<'_>>,
 ) -> PlanError {
     options.sort_by(|a, b| {
         let (fa, fb) = match (&a.outcome, &b.outcome) {

@@ -227,5 +227,17 @@ impl PlanError {
 /// Plans `request` on `pool`. Nodes that are not Ready, or quarantined past `now`, are left
 /// out. The same inputs always give the same plan.
 pub fn plan(request: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Plan, PlanError> {
-    choose::plan(request, pool, now)
+    choose::plan(request, pool, &[], now)
+}
+
+/// Plans like [`plan`], where the pool's nodes may also name `devices` that are not in the
+/// catalog (matched by [`GpuSpec::matches`] before the catalog): `whaleflux run` describes this
+/// machine's CPU slots ([`catalog::cpu_slot`]) this way, since their size depends on the host.
+pub fn plan_with_devices(
+    request: &PlanRequest,
+    pool: &Pool,
+    devices: &[GpuSpec],
+    now: Timestamp,
+) -> Result<Plan, PlanError> {
+    choose::plan(request, pool, devices, now)
 }

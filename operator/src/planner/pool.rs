@@ -125,22 +125,27 @@ fn split_number(s: &str) -> Option<(&str, &str)> {
 
 /// A node the planner may use.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct UsableNode {
+pub(crate) struct UsableNode<'d> {
     pub name: String,
-    pub gpu: &'static GpuSpec,
+    pub gpu: &'d GpuSpec,
     pub free: u32,
     pub domain: Option<String>,
 }
 
 /// The pool split into usable nodes (sorted by name) and one remark per node left out.
-pub(crate) struct Health {
-    pub usable: Vec<UsableNode>,
+pub(crate) struct Health<'d> {
+    pub usable: Vec<UsableNode<'d>>,
     pub left_out: Vec<String>,
 }
 
 /// Leaves out nodes that are not Ready, are quarantined past `now`, or have no free GPU;
-/// resolves the GPU model of the rest (an unknown model is an error).
-pub(crate) fn usable_nodes(pool: &Pool, now: Timestamp) -> Result<Health, PlanError> {
+/// resolves the device model of the rest, first among `devices` (devices the caller describes,
+/// such as a local machine's CPU slots), then in the catalog (an unknown model is an error).
+pub(crate) fn usable_nodes<'d>(
+    pool: &Pool,
+    devices: &'d [GpuSpec],
+    now: Timestamp,
+) -> Result<Health<'d>, PlanError> {
     let mut nodes: Vec<&PoolNode> = pool.nodes.iter().collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     let mut usable = Vec::new();
@@ -176,7 +181,10 @@ pub(crate) fn usable_nodes(pool: &Pool, now: Timestamp) -> Result<Health, PlanEr
         };
         usable.push(UsableNode {
             name: n.name.clone(),
-            gpu: catalog::lookup(label)?,
+            gpu: match devices.iter().find(|d| d.matches(label)) {
+                Some(d) => d,
+                None => catalog::lookup(label)?,
+            },
             free,
             domain: n.nvlink_domain.clone().filter(|d| !d.is_empty()),
         });

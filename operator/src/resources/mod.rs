@@ -1,3 +1,4 @@
 //! Pure builders: a Plan and an LlmDeployment in, Kubernetes objects and worker configuration out.
 
+pub mod children;
 pub mod worker_config;

@@ -3,10 +3,12 @@
 
 use std::ops::Range;
 
+use crate::backend::cpu::{DotOrder, attend, attend_f32, swiglu_fast};
 use crate::backend::{Backend, Weight};
+use crate::comm::{Collective, CommError};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::{Gguf, GgufError};
-use crate::shard::{ShardSpec, Split, load_vector, load_weight};
+use crate::shard::{LoadOptions, ShardSpec, Split, WeightFormat, load_vector, load_weight_as};
 
 /// Errors loading model weights.
 #[derive(Debug, thiserror::Error)]
@@ -24,24 +26,41 @@ pub enum LoadError {
 }
 
 /// Projections of the same input (Q/K/V, gate/up) run as one matmul when their encodings match,
-/// which halves thread dispatches and activation quantization per layer.
+/// which halves thread dispatches and activation quantization per layer. The fused matrix
+/// takes over the parts' bytes, so the weights are held once.
 struct Fused {
+    /// The projections; only their shapes once `fused` holds the bytes.
     parts: Vec<Weight>,
     fused: Option<Weight>,
 }
 
 impl Fused {
-    fn new(parts: Vec<Weight>) -> Self {
+    fn new(mut parts: Vec<Weight>) -> Self {
         let same = parts
             .windows(2)
             .all(|p| p[0].ty == p[1].ty && p[0].cols == p[1].cols);
-        let fused = (same && !parts.is_empty()).then(|| Weight {
-            ty: parts[0].ty,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: parts[0].cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        let fused = (same && !parts.is_empty()).then(|| {
+            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+            for p in &mut parts {
+                data.extend_from_slice(&p.data);
+                p.data = Vec::new();
+            }
+            Weight {
+                ty: parts[0].ty,
+                rows: parts.iter().map(|p| p.rows).sum(),
+                cols: parts[0].cols,
+                data,
+            }
         });
         Self { parts, fused }
+    }
+
+    /// Bytes of weights held.
+    fn bytes(&self) -> usize {
+        match &self.fused {
+            Some(f) => f.data.len(),
+            None => self.parts.iter().map(|w| w.data.len()).sum(),
+        }
     }
 
     /// `outs[i]` receives `x · parts[i]ᵀ` (`n × parts[i].rows`).
@@ -94,27 +113,18 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
     output: Weight,
-    inv_freq: Vec<f32>,
+    kv_type: KvType,
 }
 
-/// Per-sequence key/value cache for the layers of this stage.
-#[derive(Debug, Default, Clone)]
-pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
-}
+pub use super::kv_cache::{KvCache, KvLayer, KvType};
 
-impl KvCache {
-    /// Tokens held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+/// One sequence's share of a stage's batch when the rows arrive as activations (every stage
+/// but the first, and the tensor-parallel peers of the first).
+pub struct StageSeq<'a> {
+    /// New rows, appended after what `cache` holds.
+    pub n: usize,
+    /// The sequence's cache on this rank.
+    pub cache: &'a mut KvCache,
 }
 
 /// One sequence's share of a forward batch.
@@ -126,15 +136,17 @@ pub struct SeqInput<'a> {
 }
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let s = 1.0 / (ms + eps).sqrt();
-    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * s * g;
-    }
+    crate::backend::cpu::rms_norm(x, w, eps, out);
 }
 
-fn round_f16(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+/// Placeholder for a matrix this rank does not hold (embedding or head of another stage).
+fn no_weight(cols: usize) -> Weight {
+    Weight {
+        ty: crate::model::gguf::GgmlType::F32,
+        rows: 0,
+        cols,
+        data: Vec::new(),
+    }
 }
 
 struct SendPtr(*mut f32);
@@ -143,8 +155,14 @@ unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 impl LlamaModel {
-    /// Load this rank's weights from a parsed GGUF file.
+    /// Load this rank's weights from a parsed GGUF file, as stored.
     pub fn load(g: &Gguf, spec: ShardSpec) -> Result<Self, LoadError> {
+        Self::load_with(g, spec, LoadOptions::default())
+    }
+
+    /// Load this rank's weights, in the format `opts` asks for (f32 for the reference path).
+    pub fn load_with(g: &Gguf, spec: ShardSpec, opts: LoadOptions) -> Result<Self, LoadError> {
+        let fmt = opts.weights;
         let config = LlamaConfig::from_gguf(g)?;
         let c = &config;
         let hd = c.head_dim();
@@ -170,18 +188,20 @@ impl LlamaModel {
             Ok(v)
         };
         let tp = spec.tp_size.max(1);
+        let kv_split = spec.kv_split(c.n_kv_heads);
+        let kv_rows = spec.local_kv_heads(c.n_kv_heads) * hd;
         let mut layers = Vec::new();
         for l in spec.layers.clone() {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
             let m = |s: &str, split: Split, want: (usize, usize)| -> Result<Weight, LoadError> {
-                check(load_weight(g, &n(s), &spec, split)?, &n(s), want)
+                check(load_weight_as(g, &n(s), &spec, split, fmt)?, &n(s), want)
             };
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm"), c.hidden)?,
                 qkv: Fused::new(vec![
                     m("attn_q", Split::Rows, (c.n_heads * hd / tp, c.hidden))?,
-                    m("attn_k", Split::Rows, (c.n_kv_heads * hd / tp, c.hidden))?,
-                    m("attn_v", Split::Rows, (c.n_kv_heads * hd / tp, c.hidden))?,
+                    m("attn_k", kv_split, (kv_rows, c.hidden))?,
+                    m("attn_v", kv_split, (kv_rows, c.hidden))?,
                 ]),
                 wo: m("attn_output", Split::Cols, (c.hidden, c.n_heads * hd / tp))?,
                 ffn_norm: vec(&n("ffn_norm"), c.hidden)?,
@@ -192,23 +212,36 @@ impl LlamaModel {
                 down: m("ffn_down", Split::Cols, (c.hidden, c.ffn / tp))?,
             });
         }
-        let embd = check(
-            load_weight(g, "token_embd.weight", &spec, Split::Replicated)?,
-            "token_embd.weight",
-            (c.vocab, c.hidden),
-        )?;
-        let output = match g.tensor("output.weight") {
-            Some(_) => check(
-                load_weight(g, "output.weight", &spec, Split::Replicated)?,
+        let tied = g.tensor("output.weight").is_none();
+        // A tied output head is the embedding matrix, so the last stage loads it too.
+        let embd = if spec.embedding || (spec.head && tied) {
+            check(
+                load_weight_as(g, "token_embd.weight", &spec, Split::Replicated, fmt)?,
+                "token_embd.weight",
+                (c.vocab, c.hidden),
+            )?
+        } else {
+            no_weight(c.hidden)
+        };
+        let output = match (spec.head, tied) {
+            (false, _) => no_weight(c.hidden),
+            (true, true) => embd.clone(),
+            (true, false) => check(
+                load_weight_as(g, "output.weight", &spec, Split::Replicated, fmt)?,
                 "output.weight",
                 (c.vocab, c.hidden),
             )?,
-            None => embd.clone(),
         };
-        let out_norm = vec("output_norm.weight", c.hidden)?;
-        let inv_freq = (0..hd / 2)
-            .map(|i| c.rope_base.powf(-2.0 * i as f32 / hd as f32))
-            .collect();
+        let embd = if spec.embedding {
+            embd
+        } else {
+            no_weight(c.hidden)
+        };
+        let out_norm = if spec.head {
+            vec("output_norm.weight", c.hidden)?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             config,
             spec,
@@ -216,8 +249,18 @@ impl LlamaModel {
             layers,
             out_norm,
             output,
-            inv_freq,
+            // The f32 reference path is f32 throughout, attention and its cache included.
+            kv_type: match fmt {
+                WeightFormat::AsStored => KvType::F16,
+                WeightFormat::F32 => KvType::F32,
+            },
         })
+    }
+
+    /// Element type of the KV cache this model fills (f16 on the serving path, f32 on the
+    /// f32 reference path).
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
 
     /// Layers this stage runs.
@@ -226,145 +269,80 @@ impl LlamaModel {
     }
 
     fn rope(&self, x: &mut [f32], pos: usize) {
-        let hd = self.config.head_dim();
-        for head in x.chunks_exact_mut(hd) {
-            for (i, f) in self.inv_freq.iter().enumerate() {
-                let (s, c) = (pos as f32 * f).sin_cos();
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c - b * s;
-                head[2 * i + 1] = a * s + b * c;
-            }
-        }
+        crate::backend::cpu::rope(x, self.config.head_dim(), pos, self.config.rope_base);
+    }
+
+    /// Bytes of weights this rank copied out of the file and holds (what sharding divides).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.bytes()
+                    + l.gate_up.bytes()
+                    + l.wo.data.len()
+                    + l.down.data.len()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        let head = if std::ptr::eq(self.output.data.as_ptr(), self.embd.data.as_ptr()) {
+            0
+        } else {
+            self.output.data.len()
+        };
+        layers + self.embd.data.len() + head + 4 * self.out_norm.len()
+    }
+
+    /// Bytes of the transformer blocks' weights only (the part tensor parallelism splits).
+    pub fn layer_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.gate_up.bytes() + l.wo.data.len() + l.down.data.len())
+            .sum()
     }
 
     /// Run the batch and return the logits of each sequence's last new token. Sequences with no
     /// new tokens are skipped and get no logits entry, so callers always pass at least one.
+    /// Needs the whole model on this rank ([`ShardSpec::whole`]).
     pub fn forward(&self, be: &dyn Backend, seqs: &mut [SeqInput<'_>]) -> Vec<Vec<f32>> {
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut x = self.embed(&tokens);
+        let mut stage: Vec<StageSeq<'_>> = seqs
+            .iter_mut()
+            .map(|s| StageSeq {
+                n: s.tokens.len(),
+                cache: &mut *s.cache,
+            })
+            .collect();
+        let counts: Vec<usize> = stage.iter().map(|s| s.n).collect();
+        match self.forward_layers(be, None, &mut stage, &mut x) {
+            Ok(()) => self.head(be, &x, &counts),
+            // Without a collective nothing can fail.
+            Err(e) => unreachable!("single-rank forward cannot fail: {e}"),
+        }
+    }
+
+    /// Embedding rows of `tokens` (`tokens.len() × hidden`); needs the embedding.
+    pub fn embed(&self, tokens: &[u32]) -> Vec<f32> {
         let c = &self.config;
-        let (h, hd) = (c.hidden, c.head_dim());
-        let (nh, nkv) = (c.n_heads, c.n_kv_heads);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let t_total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        // (sequence index, position) of every row.
-        let mut rows = Vec::with_capacity(t_total);
-        for (si, s) in seqs.iter().enumerate() {
-            for i in 0..s.tokens.len() {
-                rows.push((si, s.cache.len + i));
-            }
+        let h = c.hidden;
+        let mut x = vec![0f32; tokens.len() * h];
+        for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
+            let tok = (tok as usize).min(c.vocab - 1);
+            self.embd.dequantize_row(tok, row);
         }
-        let mut x = vec![0f32; t_total * h];
-        let mut r = 0;
-        for s in seqs.iter() {
-            for &tok in s.tokens {
-                let tok = (tok as usize).min(c.vocab - 1);
-                self.embd.dequantize_row(tok, &mut x[r * h..(r + 1) * h]);
-                r += 1;
-            }
-        }
-        for s in seqs.iter_mut() {
-            let new_len = s.cache.len + s.tokens.len();
-            s.cache.k.resize(self.layers.len(), Vec::new());
-            s.cache.v.resize(self.layers.len(), Vec::new());
-            for l in 0..self.layers.len() {
-                s.cache.k[l].resize(new_len * kvd, 0.0);
-                s.cache.v[l].resize(new_len * kvd, 0.0);
-            }
-        }
-        let mut xn = vec![0f32; t_total * h];
-        let mut q = vec![0f32; t_total * qd];
-        let mut k = vec![0f32; t_total * kvd];
-        let mut v = vec![0f32; t_total * kvd];
-        let mut att = vec![0f32; t_total * qd];
-        let mut o = vec![0f32; t_total * h];
-        let mut g = vec![0f32; t_total * c.ffn];
-        let mut u = vec![0f32; t_total * c.ffn];
-        let mut tmp = Vec::new();
-        let scale = 1.0 / (hd as f32).sqrt();
-        for (li, layer) in self.layers.iter().enumerate() {
-            for (xr, nr) in x.chunks_exact(h).zip(xn.chunks_exact_mut(h)) {
-                rmsnorm(xr, &layer.attn_norm, c.rms_eps, nr);
-            }
-            layer
-                .qkv
-                .apply(be, &xn, t_total, &mut tmp, &mut [&mut q, &mut k, &mut v]);
-            for (ri, &(si, pos)) in rows.iter().enumerate() {
-                self.rope(&mut q[ri * qd..(ri + 1) * qd], pos);
-                self.rope(&mut k[ri * kvd..(ri + 1) * kvd], pos);
-                // The cache and the attention inputs are f16, as in llama.cpp.
-                for val in q[ri * qd..(ri + 1) * qd]
-                    .iter_mut()
-                    .chain(&mut k[ri * kvd..(ri + 1) * kvd])
-                    .chain(&mut v[ri * kvd..(ri + 1) * kvd])
-                {
-                    *val = round_f16(*val);
-                }
-                let cache = &mut *seqs[si].cache;
-                cache.k[li][pos * kvd..(pos + 1) * kvd]
-                    .copy_from_slice(&k[ri * kvd..(ri + 1) * kvd]);
-                cache.v[li][pos * kvd..(pos + 1) * kvd]
-                    .copy_from_slice(&v[ri * kvd..(ri + 1) * kvd]);
-            }
-            let caches: Vec<(&[f32], &[f32])> = seqs
-                .iter()
-                .map(|s| (s.cache.k[li].as_slice(), s.cache.v[li].as_slice()))
-                .collect();
-            let out = SendPtr(att.as_mut_ptr());
-            let out = &out;
-            let (rows_ref, q_ref, caches_ref) = (&rows, &q, &caches);
-            be.parallel_for(t_total * nh, &move |task| {
-                let (ri, head) = (task / nh, task % nh);
-                let (si, pos) = rows_ref[ri];
-                let (kc, vc) = caches_ref[si];
-                let kvh = head / (nh / nkv);
-                let qv = &q_ref[ri * qd + head * hd..ri * qd + (head + 1) * hd];
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|p| {
-                        let kr = &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                        crate::backend::cpu::dot_f32(qv, kr) * scale
-                    })
-                    .collect();
-                let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
-                let mut acc = [0f32; 256];
-                let acc = &mut acc[..hd.min(256)];
-                for (p, s) in scores.iter().enumerate() {
-                    let w = round_f16(s / sum);
-                    let vr = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                    for (a, vv) in acc.iter_mut().zip(vr) {
-                        *a += w * vv;
-                    }
-                }
-                // SAFETY: each (row, head) task writes its own disjoint hd-wide slot.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(out.0.add(ri * qd + head * hd), hd) };
-                dst.copy_from_slice(acc);
-            });
-            be.matmul(&layer.wo, &att, t_total, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            for (xr, nr) in x.chunks_exact(h).zip(xn.chunks_exact_mut(h)) {
-                rmsnorm(xr, &layer.ffn_norm, c.rms_eps, nr);
-            }
-            layer
-                .gate_up
-                .apply(be, &xn, t_total, &mut tmp, &mut [&mut g, &mut u]);
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-            }
-            be.matmul(&layer.down, &g, t_total, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        }
-        for s in seqs.iter_mut() {
-            s.cache.len += s.tokens.len();
-        }
-        // Logits only for each sequence's last row.
-        let mut last = Vec::with_capacity(seqs.len() * h);
+        x
+    }
+
+    /// Logits of each sequence's last row; `counts[i]` rows of `x` belong to sequence `i` and
+    /// sequences with no rows get no entry. Needs the output head (the last stage).
+    pub fn head(&self, be: &dyn Backend, x: &[f32], counts: &[usize]) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let h = c.hidden;
+        let mut last = Vec::with_capacity(counts.len() * h);
         let mut end = 0;
-        for s in seqs.iter().filter(|s| !s.tokens.is_empty()) {
-            end += s.tokens.len();
+        for &n in counts.iter().filter(|&&n| n > 0) {
+            end += n;
             let mut nr = vec![0f32; h];
             rmsnorm(
                 &x[(end - 1) * h..end * h],
@@ -378,5 +356,123 @@ impl LlamaModel {
         let mut logits = vec![0f32; n_out * c.vocab];
         be.matmul(&self.output, &last, n_out, &mut logits);
         logits.chunks_exact(c.vocab).map(|l| l.to_vec()).collect()
+    }
+
+    /// Run this stage's layers over `x` (`sum(n) × hidden` rows, sequence by sequence), in
+    /// place. With a tensor-parallel group each rank computes its heads and FFN slice and the
+    /// partial outputs of the attention output and down projections are summed across ranks.
+    pub fn forward_layers(
+        &self,
+        be: &dyn Backend,
+        tp: Option<&dyn Collective>,
+        seqs: &mut [StageSeq<'_>],
+        x: &mut [f32],
+    ) -> Result<(), CommError> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden, c.head_dim());
+        let (nh, nkv) = (
+            self.spec.local_heads(c.n_heads),
+            self.spec.local_kv_heads(c.n_kv_heads),
+        );
+        let ffn = c.ffn / self.spec.tp_size.max(1);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let t_total: usize = seqs.iter().map(|s| s.n).sum();
+        debug_assert_eq!(x.len(), t_total * h);
+        // (sequence index, position) of every row.
+        let mut rows = Vec::with_capacity(t_total);
+        for (si, s) in seqs.iter().enumerate() {
+            for i in 0..s.n {
+                rows.push((si, s.cache.len() + i));
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.cache.reserve(self.layers.len(), kvd, s.n, self.kv_type);
+        }
+        // llama.cpp sums attention dot products differently for one token and for several.
+        let orders: Vec<DotOrder> = seqs
+            .iter()
+            .map(|s| match s.n {
+                1 => DotOrder::Single,
+                _ => DotOrder::Batched,
+            })
+            .collect();
+        let mut xn = vec![0f32; t_total * h];
+        let mut q = vec![0f32; t_total * qd];
+        let mut k = vec![0f32; t_total * kvd];
+        let mut v = vec![0f32; t_total * kvd];
+        let mut att = vec![0f32; t_total * qd];
+        let mut o = vec![0f32; t_total * h];
+        let mut g = vec![0f32; t_total * ffn];
+        let mut u = vec![0f32; t_total * ffn];
+        let mut tmp = Vec::new();
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (xr, nr) in x.chunks_exact(h).zip(xn.chunks_exact_mut(h)) {
+                rmsnorm(xr, &layer.attn_norm, c.rms_eps, nr);
+            }
+            layer
+                .qkv
+                .apply(be, &xn, t_total, &mut tmp, &mut [&mut q, &mut k, &mut v]);
+            for (ri, &(si, pos)) in rows.iter().enumerate() {
+                self.rope(&mut q[ri * qd..(ri + 1) * qd], pos);
+                self.rope(&mut k[ri * kvd..(ri + 1) * kvd], pos);
+                seqs[si].cache.write(
+                    li,
+                    pos,
+                    &k[ri * kvd..(ri + 1) * kvd],
+                    &v[ri * kvd..(ri + 1) * kvd],
+                );
+            }
+            let caches: Vec<_> = seqs.iter().map(|s| s.cache.layer(li)).collect();
+            let out = SendPtr(att.as_mut_ptr());
+            let out = &out;
+            let (rows_ref, q_ref, caches_ref, orders) = (&rows, &q, &caches, &orders);
+            be.parallel_for(t_total * nh, &move |task| {
+                let (ri, head) = (task / nh, task % nh);
+                let (si, pos) = rows_ref[ri];
+                let kv0 = head / (nh / nkv) * hd;
+                // SAFETY: each (row, head) task writes its own disjoint hd-wide slot.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(ri * qd + head * hd), hd) };
+                let qh = &q_ref[ri * qd + head * hd..ri * qd + (head + 1) * hd];
+                // One branch per head task (the model's cache type), none in the kernels.
+                match caches_ref[si] {
+                    KvLayer::F16 { k, v } => attend(
+                        qh,
+                        &k[kv0..],
+                        &v[kv0..],
+                        kvd,
+                        pos + 1,
+                        scale,
+                        orders[si],
+                        dst,
+                    ),
+                    KvLayer::F32 { k, v } => {
+                        attend_f32(qh, &k[kv0..], &v[kv0..], kvd, pos + 1, scale, dst)
+                    }
+                }
+            });
+            be.matmul(&layer.wo, &att, t_total, &mut o);
+            if let Some(tp) = tp {
+                tp.all_reduce_sum(&mut o)?;
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            for (xr, nr) in x.chunks_exact(h).zip(xn.chunks_exact_mut(h)) {
+                rmsnorm(xr, &layer.ffn_norm, c.rms_eps, nr);
+            }
+            layer
+                .gate_up
+                .apply(be, &xn, t_total, &mut tmp, &mut [&mut g, &mut u]);
+            swiglu_fast(&mut g, &u);
+            be.matmul(&layer.down, &g, t_total, &mut o);
+            if let Some(tp) = tp {
+                tp.all_reduce_sum(&mut o)?;
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.n);
+        }
+        Ok(())
     }
 }

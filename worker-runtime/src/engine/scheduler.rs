@@ -10,11 +10,10 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::forward::{KvCache, LlamaModel, SeqInput};
+use super::pipeline::Executor;
 use super::sampling::{
     Sampler, SamplingParams, find_stop, log_softmax, partial_stop_len, top_logprobs,
 };
-use crate::backend::Backend;
 use crate::metrics::Metrics;
 use crate::model::tokenizer::ModelTokenizer;
 
@@ -134,7 +133,10 @@ impl EngineHandle {
 
 struct Seq {
     req: GenRequest,
-    cache: KvCache,
+    id: u64,
+    /// Tokens the group's caches hold for this sequence.
+    cached: usize,
+    in_flight: bool,
     fed: usize,
     generated: Vec<u32>,
     sampler: Sampler,
@@ -145,13 +147,17 @@ struct Seq {
     last_token: Option<Instant>,
 }
 
-/// Start the engine thread.
+/// Called when the group fails under the engine (a peer died); the worker process exits.
+pub type OnFatal = Box<dyn FnOnce(String) + Send>;
+
+/// Start the engine thread over `exec` (a single rank, or the leader of a sharded group).
+/// When the group fails, the waiting requests are dropped and `on_fatal` is called.
 pub fn spawn(
-    model: Arc<LlamaModel>,
-    backend: Arc<dyn Backend>,
+    exec: Box<dyn Executor>,
     tokenizer: Arc<ModelTokenizer>,
     cfg: SchedulerConfig,
     metrics: Arc<Metrics>,
+    on_fatal: Option<OnFatal>,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel::<GenRequest>();
     let waiting = Arc::new(AtomicUsize::new(0));
@@ -163,26 +169,40 @@ pub fn spawn(
     };
     std::thread::Builder::new()
         .name("wf-engine".into())
-        .spawn(move || run(&model, &*backend, &tokenizer, cfg, &metrics, &rx, &waiting))?;
+        .spawn(move || {
+            let mut exec = exec;
+            let r = run(exec.as_mut(), &tokenizer, cfg, &metrics, &rx, &waiting);
+            exec.shutdown();
+            if let Err(e) = r {
+                tracing::error!(error = %e, "the engine stopped: the group failed");
+                if let Some(f) = on_fatal {
+                    f(e.to_string());
+                }
+            }
+        })?;
     Ok(handle)
 }
 
 fn run(
-    model: &LlamaModel,
-    be: &dyn Backend,
+    exec: &mut dyn Executor,
     tk: &ModelTokenizer,
     cfg: SchedulerConfig,
     metrics: &Metrics,
     rx: &mpsc::Receiver<GenRequest>,
     waiting_count: &AtomicUsize,
-) {
+) -> Result<(), crate::comm::CommError> {
     let mut waiting: VecDeque<GenRequest> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
+    // Steps in flight: the sequence ids of each, oldest first.
+    let mut in_flight: VecDeque<Vec<(u64, usize)>> = VecDeque::new();
+    let mut free: Vec<u64> = Vec::new();
+    let mut next_id: u64 = 0;
+    let depth = exec.depth().max(1);
     loop {
-        if active.is_empty() && waiting.is_empty() {
+        if active.is_empty() && waiting.is_empty() && in_flight.is_empty() {
             match rx.recv() {
                 Ok(r) => waiting.push_back(r),
-                Err(_) => return,
+                Err(_) => return Ok(()),
             }
         }
         while let Ok(r) = rx.try_recv() {
@@ -200,10 +220,13 @@ fn run(
                 continue;
             }
             metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
+            next_id += 1;
             active.push(Seq {
                 sampler: Sampler::new(req.params.clone()),
                 req,
-                cache: KvCache::default(),
+                id: next_id,
+                cached: 0,
+                in_flight: false,
                 fed: 0,
                 generated: Vec::new(),
                 pending: Vec::new(),
@@ -213,62 +236,92 @@ fn run(
                 last_token: None,
             });
         }
-        active.retain(|s| !s.req.events.is_closed());
-        if active.is_empty() {
+        active.retain(|s| {
+            let keep = s.in_flight || !s.req.events.is_closed();
+            if !keep {
+                free.push(s.id);
+            }
+            keep
+        });
+        if active.is_empty() && in_flight.is_empty() {
             continue;
         }
         metrics.running.set(active.len() as i64);
-        // Build this step's inputs: decode tokens first, then prompt chunks within the budget.
-        let mut budget = cfg.prefill_chunk.max(1);
-        let mut feeds: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (i, s) in active.iter().enumerate() {
-            if s.fed >= s.req.prompt.len()
-                && let Some(&t) = s.generated.last()
-            {
-                feeds.push((i, vec![t]));
-            }
-        }
-        for (i, s) in active.iter().enumerate() {
-            if s.fed < s.req.prompt.len() && budget > 0 {
-                let n = (s.req.prompt.len() - s.fed).min(budget);
-                budget -= n;
-                feeds.push((i, s.req.prompt[s.fed..s.fed + n].to_vec()));
-            }
-        }
-        let mut order: Vec<usize> = feeds.iter().map(|f| f.0).collect();
-        order.sort_unstable();
-        let logits = {
-            let mut caches: Vec<Option<&mut KvCache>> =
-                active.iter_mut().map(|s| Some(&mut s.cache)).collect();
-            let mut inputs: Vec<SeqInput<'_>> = Vec::with_capacity(feeds.len());
-            for (i, toks) in &feeds {
-                if let Some(cache) = caches[*i].take() {
-                    inputs.push(SeqInput {
-                        tokens: toks,
-                        cache,
-                    });
+        // Launch a micro-batch of the sequences not in flight while the pipeline has room; each
+        // takes its share of the running sequences so every stage has work.
+        let idle = active.iter().filter(|s| !s.in_flight).count();
+        if in_flight.len() < depth && idle > 0 {
+            let share = active.len().div_ceil(depth).max(1);
+            // Decode tokens first, then prompt chunks within the budget.
+            let mut budget = cfg.prefill_chunk.max(1);
+            let mut feeds: Vec<(usize, Vec<u32>)> = Vec::new();
+            for (i, s) in active.iter().enumerate() {
+                if feeds.len() < share
+                    && !s.in_flight
+                    && s.fed >= s.req.prompt.len()
+                    && let Some(&t) = s.generated.last()
+                {
+                    feeds.push((i, vec![t]));
                 }
             }
-            model.forward(be, &mut inputs)
+            for (i, s) in active.iter().enumerate() {
+                if feeds.len() < share && !s.in_flight && s.fed < s.req.prompt.len() && budget > 0 {
+                    let n = (s.req.prompt.len() - s.fed).min(budget);
+                    budget -= n;
+                    feeds.push((i, s.req.prompt[s.fed..s.fed + n].to_vec()));
+                }
+            }
+            if !feeds.is_empty() {
+                let inputs: Vec<(u64, &[u32])> = feeds
+                    .iter()
+                    .map(|(i, t)| (active[*i].id, t.as_slice()))
+                    .collect();
+                exec.launch(&inputs, &free)?;
+                free.clear();
+                let mut ids = Vec::with_capacity(feeds.len());
+                for (i, toks) in &feeds {
+                    let s = &mut active[*i];
+                    s.in_flight = true;
+                    s.cached += toks.len();
+                    ids.push((s.id, toks.len()));
+                }
+                in_flight.push_back(ids);
+                continue;
+            }
+        }
+        let Some(ids) = in_flight.pop_front() else {
+            continue;
         };
+        let logits = exec.finish()?;
         let mut done = vec![false; active.len()];
-        for ((i, toks), lg) in feeds.iter().zip(&logits) {
-            let s = &mut active[*i];
+        for ((id, n), lg) in ids.iter().zip(&logits) {
+            let Some(i) = active.iter().position(|s| s.id == *id) else {
+                continue;
+            };
+            let s = &mut active[i];
+            s.in_flight = false;
+            if s.req.events.is_closed() {
+                done[i] = true;
+                continue;
+            }
             let was_prompt = s.fed < s.req.prompt.len();
             if was_prompt {
-                s.fed += toks.len();
+                s.fed += n;
                 if s.fed < s.req.prompt.len() {
                     continue;
                 }
             }
-            done[*i] = step_seq(s, lg, tk, cfg.context, metrics);
+            done[i] = step_seq(s, lg, tk, cfg.context, metrics);
         }
         let mut k = 0;
-        active.retain(|_| {
+        active.retain(|s| {
             k += 1;
+            if done[k - 1] {
+                free.push(s.id);
+            }
             !done[k - 1]
         });
-        let used: usize = active.iter().map(|s| s.cache.len()).sum();
+        let used: usize = active.iter().map(|s| s.cached).sum();
         let cap = (cfg.max_batch.max(1) * cfg.context).max(1);
         metrics.kv_cache_permille.set((used * 1000 / cap) as i64);
         metrics.running.set(active.len() as i64);
@@ -339,7 +392,7 @@ fn step_seq(
             finish = Some(FinishReason::Stop);
         }
     }
-    if finish.is_none() && (s.generated.len() >= s.req.max_tokens || s.cache.len() + 1 >= context) {
+    if finish.is_none() && (s.generated.len() >= s.req.max_tokens || s.cached + 1 >= context) {
         finish = Some(FinishReason::Length);
         if !s.pending.is_empty() {
             let rest: Vec<u8> = std::mem::take(&mut s.pending);

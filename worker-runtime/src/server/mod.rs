@@ -49,6 +49,9 @@ pub struct AppState {
     pub loaded: OnceLock<Loaded>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Set on a rank that serves no API (a later stage or TP rank) once it is loaded and
+    /// connected to its group.
+    pub peer_ready: std::sync::atomic::AtomicBool,
     created: u64,
 }
 
@@ -59,6 +62,7 @@ impl AppState {
             model_name,
             loaded: OnceLock::new(),
             metrics,
+            peer_ready: std::sync::atomic::AtomicBool::new(false),
             created: now(),
         })
     }
@@ -111,7 +115,7 @@ async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.loaded.get().is_some() {
+    if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
         "ready".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()

@@ -20,13 +20,28 @@ pub struct QuantActs {
     pub blocks: usize,
 }
 
-/// Whether AVX2, FMA and F16C are available (checked once).
+/// Whether AVX2 and FMA are available (checked once).
 pub fn has_avx2() -> bool {
     static F: OnceLock<bool> = OnceLock::new();
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether F16C is available too (hardware f16 -> f32 conversion for the KV cache).
+pub fn has_f16c() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2() && std::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -56,25 +71,50 @@ pub fn quantize_acts(x: &[f32], cols: usize) -> QuantActs {
     let mut qs = vec![0i8; x.len()];
     let mut d = vec![0f32; blocks_total];
     let mut s = vec![0f32; blocks_total];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 was detected at run time (the same code, with SIMD rounding).
+        unsafe { quantize_blocks_avx2(x, &mut qs, &mut d, &mut s) };
+        return QuantActs {
+            qs,
+            d,
+            s,
+            blocks: cols / 32,
+        };
+    }
+    quantize_blocks(x, &mut qs, &mut d, &mut s);
+    QuantActs {
+        qs,
+        d,
+        s,
+        blocks: cols / 32,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_blocks_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_blocks(x, qs, d, s);
+}
+
+#[inline(always)]
+fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // Exactly ggml's x86 quantize_row_q8_0/q8_1: `127 / amax` as the inverse scale and
+        // round-half-to-even (`_mm256_round_ps`). Attention outputs are f16 values, so exact
+        // ties are common, and a flipped tie is amplified through SmolLM2's outlier channels.
         let db = amax / 127.0;
-        let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in qb.iter_mut().zip(xb) {
-            let r = (v * id).round() as i8;
+            let r = (v * id).round_ties_even() as i8;
             *q = r;
             sum += i32::from(r);
         }
         // Scales are stored as f16 like ggml's block_q8_1, so results match llama.cpp closely.
         d[b] = half::f16::from_f32(db).to_f32();
         s[b] = half::f16::from_f32(db * sum as f32).to_f32();
-    }
-    QuantActs {
-        qs,
-        d,
-        s,
-        blocks: cols / 32,
     }
 }
 

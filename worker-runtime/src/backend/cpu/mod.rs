@@ -3,9 +3,15 @@
 //! portable scalar code elsewhere; rows are spread over a fixed fork-join pool ([`pool`]).
 
 mod kernels;
+mod ops;
 mod pool;
 
-pub use kernels::{QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, quantize_acts};
+pub use kernels::{
+    QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, has_f16c, quantize_acts,
+};
+pub use ops::{
+    AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, rope, silu, swiglu, swiglu_fast,
+};
 
 use std::sync::OnceLock;
 
@@ -25,6 +31,17 @@ pub(crate) fn f16_table() -> &'static [f32] {
 #[inline]
 pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_table()[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
+}
+
+/// An f32 row's bytes as `f32`s, without a copy, where the encoding and alignment allow (the
+/// f32 reference path's weights); `None` means decode it with [`dequantize_row`].
+fn f32_row(ty: GgmlType, src: &[u8]) -> Option<&[f32]> {
+    if ty != GgmlType::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; `align_to` only yields aligned elements.
+    let (head, row, tail) = unsafe { src.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(row)
 }
 
 /// Decode one encoded row into f32 (the reference every kernel is tested against).
@@ -201,11 +218,19 @@ impl Backend for CpuBackend {
             let put = |t: usize, r: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
             let mut tmp = Vec::new();
             let Some(q) = q else {
-                for t in 0..n {
-                    for r in r0..r1 {
-                        tmp.resize(w.cols, 0.0);
-                        dequantize_row(w.ty, w.row(r), &mut tmp);
-                        put(t, r, dot_f32(&tmp, &x[t * w.cols..(t + 1) * w.cols]));
+                // Each weight row is decoded once and dotted with every token's row while it
+                // is in cache (memory traffic of one pass over the weights, not `n`).
+                tmp.resize(w.cols, 0.0);
+                for r in r0..r1 {
+                    let row = match f32_row(w.ty, w.row(r)) {
+                        Some(row) => row,
+                        None => {
+                            dequantize_row(w.ty, w.row(r), &mut tmp);
+                            &tmp
+                        }
+                    };
+                    for t in 0..n {
+                        put(t, r, dot_f32(row, &x[t * w.cols..(t + 1) * w.cols]));
                     }
                 }
                 return;

@@ -1,6 +1,10 @@
 //! A small fork-join pool for the many short parallel loops of one decode step. Workers spin
 //! briefly on a generation counter before parking, and the calling thread takes part, so a
 //! dispatch costs well under a microsecond instead of a sleep/wake round trip.
+//!
+//! Items are claimed dynamically and a dispatch ends when every item is done, not when every
+//! worker has checked in: on a busy machine a descheduled worker that never claimed an item
+//! costs nothing (the caller runs its share) instead of stalling each step for a time slice.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -14,7 +18,7 @@ struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     n: usize,
     next: AtomicUsize,
-    finished: AtomicUsize,
+    done: AtomicUsize,
     panicked: AtomicBool,
 }
 
@@ -22,6 +26,9 @@ struct Shared {
     epoch: AtomicUsize,
     job: AtomicPtr<()>,
     stop: AtomicBool,
+    /// Workers between announcing themselves and leaving the current job; the dispatcher
+    /// withdraws the job pointer and waits for this to drop to zero before the job dies.
+    active: AtomicUsize,
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     cv: Condvar,
@@ -43,6 +50,7 @@ fn run_items(job: &Job<'_>) {
         if catch_unwind(AssertUnwindSafe(|| (job.f)(i))).is_err() {
             job.panicked.store(true, Ordering::Relaxed);
         }
+        job.done.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -75,12 +83,15 @@ fn worker(shared: &Shared) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
+        shared.active.fetch_add(1, Ordering::SeqCst);
         let ptr = shared.job.load(Ordering::SeqCst) as *const Job<'_>;
-        // SAFETY: the dispatcher keeps the job alive until every worker has bumped `finished`,
-        // and a worker never touches the job after that.
-        let job = unsafe { &*ptr };
-        run_items(job);
-        job.finished.fetch_add(1, Ordering::SeqCst);
+        if !ptr.is_null() {
+            // SAFETY: we announced ourselves in `active` before loading a non-null pointer, so
+            // the dispatcher (which nulls the pointer, then waits for `active == 0`) keeps the
+            // job alive until we leave below.
+            run_items(unsafe { &*ptr });
+        }
+        shared.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -91,6 +102,7 @@ impl Pool {
             epoch: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
             stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             cv: Condvar::new(),
@@ -130,7 +142,7 @@ impl Pool {
             f,
             n,
             next: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
         };
         self.shared
@@ -139,8 +151,21 @@ impl Pool {
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         self.wake();
         run_items(&job);
-        let workers = self.workers.len();
-        while job.finished.load(Ordering::SeqCst) < workers {
+        // Items a worker claimed but has not finished: wait (yielding after a while, in case
+        // that worker is descheduled and needs this core).
+        let mut spins = 0u32;
+        while job.done.load(Ordering::SeqCst) < n {
+            spins += 1;
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.shared
+            .job
+            .store(std::ptr::null_mut(), Ordering::SeqCst);
+        while self.shared.active.load(Ordering::SeqCst) > 0 {
             std::hint::spin_loop();
         }
         assert!(

@@ -1,0 +1,401 @@
+//! `whaleflux operator`: the GpuPool and LlmDeployment controllers (kube-runtime), behind a
+//! leader Lease, with metrics and health endpoints. This is the IO shell around the pure
+//! planner and resource builders.
+
+pub mod deployment;
+pub mod lease;
+pub mod metrics;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt, future, stream};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use whaleflux_crds::{GpuPool, LlmDeployment};
+
+use crate::resources::children::BuildError;
+pub use lease::LeaseConfig;
+pub use metrics::Metrics;
+use pool::Ledger;
+
+/// Why a reconcile failed. The reason label of the error metric comes from [`Error::reason`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The children could not be built.
+    #[error("building the deployment's objects: {0}")]
+    Build(#[from] BuildError),
+    /// Deletion waits for the children to go.
+    #[error("{0} worker pod(s) of the deployment still exist; waiting for them to go")]
+    ChildrenRemain(usize),
+    /// The finalizer helper failed in a way that is not an API error.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    /// The object lacks a field the API server always sets.
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+}
+
+impl Error {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
+            Error::Kube(kube::Error::Api(s)) if s.code == 429 => "throttled",
+            Error::Kube(kube::Error::Api(s)) if s.code >= 500 => "server_error",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "transport",
+            Error::Build(_) => "build",
+            Error::ChildrenRemain(_) => "children_remain",
+            Error::Finalizer(_) => "finalizer",
+            Error::Missing(_) => "invalid_object",
+        }
+    }
+}
+
+/// Per-object exponential backoff after failed reconciles: 0.5 s doubling to 5 min, reset by
+/// a successful reconcile.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    /// Records a failure of `key`; returns how long to wait before retrying.
+    pub fn failure(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(key.to_string()).or_default();
+        *n = n.saturating_add(1);
+        let ms = 500u64.saturating_mul(1u64 << (*n - 1).min(20));
+        Duration::from_millis(ms.min(300_000))
+    }
+
+    /// Forgets the failures of `key`.
+    pub fn reset(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.remove(key);
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder (events.k8s.io).
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// GPUs WhaleFlux plans hold.
+    pub ledger: Ledger,
+    /// Every Node (reflector).
+    pub nodes: Store<Node>,
+    /// Every GpuPool (the GpuPool controller's reflector).
+    pub pools: Store<GpuPool>,
+    /// Per-object backoff.
+    pub backoff: Backoff,
+    /// Bumped when nodes or allocations change: the pool controller recomputes every pool.
+    pool_trigger: watch::Sender<u64>,
+}
+
+impl Context {
+    /// Asks the GpuPool controller to recompute every pool (allocations changed).
+    pub fn pool_changed(&self) {
+        self.pool_trigger.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Leader election.
+    pub lease: LeaseConfig,
+    /// Reconciles run at once per controller (0 = unbounded).
+    pub concurrency: u16,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No API client could be configured (kubeconfig / in-cluster).
+    #[error("configuring the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// The metrics port could not be bound.
+    #[error("binding {addr} for /metrics and health: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Leadership was lost; the process exits so it restarts as a candidate.
+    #[error("lost leadership: {0}")]
+    LostLease(String),
+}
+
+fn error_policy<K: kube::Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+    controller: &'static str,
+) -> Action {
+    let key = format!(
+        "{controller}/{}{}",
+        obj.meta()
+            .namespace
+            .as_deref()
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    );
+    ctx.metrics
+        .errors
+        .get_or_create(&vec![
+            ("controller", controller.to_string()),
+            ("reason", err.reason().to_string()),
+        ])
+        .inc();
+    let wait = ctx.backoff.failure(&key);
+    if matches!(err, Error::ChildrenRemain(_)) {
+        tracing::info!(object = %key, "{err}");
+    } else {
+        tracing::warn!(object = %key, retry_in = ?wait, "reconcile failed: {err}");
+    }
+    Action::requeue(wait)
+}
+
+/// A future that resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested");
+    }
+}
+
+/// Runs the operator until SIGTERM (Ok) or until leadership is lost (Err).
+pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    tracing::info!(addr = %cfg.listen, "serving /metrics, /healthz and /readyz");
+    let router = metrics::router(metrics.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.lease.namespace);
+    let m = metrics.clone();
+    let held = tokio::select! {
+        held = lease::acquire(&leases, &cfg.lease, move || m.ready.store(true, Ordering::Relaxed)) => held,
+        _ = stopped() => return Ok(()),
+    };
+    metrics.leader.set(1);
+
+    let outcome = tokio::select! {
+        why = lease::hold(&leases, &cfg.lease, held) => Err(RunError::LostLease(why)),
+        () = controllers(client, metrics.clone(), cfg.concurrency, stopped()) => Ok(()),
+    };
+    metrics.leader.set(0);
+    if outcome.is_ok() {
+        lease::release(&leases, &cfg.lease).await;
+    }
+    outcome
+}
+
+/// Both controllers, until `stop` resolves (then they finish the reconciles in flight).
+async fn controllers(
+    client: Client,
+    metrics: Arc<Metrics>,
+    concurrency: u16,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let stop = stop.shared();
+    // Nodes: one reflector; every change asks the pool controller to recompute the pools.
+    let (node_reader, node_writer) = reflector::store::<Node>();
+    let (trigger_tx, trigger_rx) = watch::channel(0u64);
+    let node_events = {
+        let tx = trigger_tx.clone();
+        reflector::reflector(
+            node_writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(move |r| {
+            if let Err(e) = r {
+                tracing::warn!("watching nodes: {e}");
+            } else {
+                tx.send_modify(|g| *g = g.wrapping_add(1));
+            }
+            future::ready(())
+        })
+    };
+    let node_task = tokio::spawn(node_events);
+
+    let pool_ctrl = Controller::new(
+        Api::<GpuPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(
+        controller::Config::default()
+            .debounce(Duration::from_millis(200))
+            .concurrency(concurrency),
+    );
+    let pools = pool_ctrl.store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "whaleflux-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        metrics,
+        ledger: Ledger::default(),
+        nodes: node_reader.clone(),
+        pools: pools.clone(),
+        backoff: Backoff::default(),
+        pool_trigger: trigger_tx,
+    });
+
+    // Rebuild the ledger from the plans the API server holds before planning anything new.
+    let all: Api<LlmDeployment> = Api::all(client.clone());
+    loop {
+        match all.list(&Default::default()).await {
+            Ok(list) => {
+                for d in &list.items {
+                    if let Some(plan) = d.status.as_ref().and_then(|s| s.plan.as_ref()) {
+                        ctx.ledger.set(&d.spec.gpu_pool, &deployment::key(d), plan);
+                    }
+                }
+                tracing::info!(deployments = list.items.len(), "allocation ledger rebuilt");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("listing LlmDeployments to rebuild the ledger: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.clone() => { node_task.abort(); return; }
+                }
+            }
+        }
+    }
+    // Pools are computed from a complete node list, not a half-filled one.
+    tokio::select! {
+        r = node_reader.wait_until_ready() => if r.is_err() { node_task.abort(); return; },
+        _ = stop.clone() => { node_task.abort(); return; }
+    }
+
+    let pool_triggers = stream::unfold(trigger_rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+    let pool_run = pool_ctrl
+        .reconcile_all_on(pool_triggers)
+        .graceful_shutdown_on(stop.clone())
+        .run(
+            pool::reconcile,
+            |o, e, c| error_policy(o, e, c, "gpupool"),
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+
+    let llmd_ctrl = Controller::new(
+        Api::<LlmDeployment>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(controller::Config::default().concurrency(concurrency));
+    let llmds = llmd_ctrl.store();
+    let llmd_run = llmd_ctrl
+        .owns(
+            Api::<StatefulSet>::all(client.clone()),
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=whaleflux-operator"),
+        )
+        .watches(
+            Api::<GpuPool>::all(client.clone()),
+            watcher::Config::default(),
+            move |pool: GpuPool| {
+                llmds
+                    .state()
+                    .into_iter()
+                    .filter(|d| deployment::pool_change_matters(d, &pool))
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stop.clone())
+        .run(
+            deployment::reconcile,
+            |o, e, c| error_policy(o, e, c, "llmdeployment"),
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!("controller: {e}");
+            }
+            future::ready(())
+        });
+    tracing::info!("controllers running");
+    future::join(pool_run, llmd_run).await;
+    node_task.abort();
+    drop(pools);
+    tracing::info!("controllers stopped");
+}

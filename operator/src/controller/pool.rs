@@ -1,0 +1,605 @@
+//! GpuPool controller: matching Nodes → `status.nodes`, totals and conditions. The status is a
+//! pure function of the pool, the nodes, the GPUs WhaleFlux plans hold, and the clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use whaleflux_crds::{GpuPool, GpuPoolStatus, PoolNode};
+
+use super::{Context, Error};
+use crate::planner::catalog;
+use crate::resources::children::FIELD_MANAGER;
+
+/// Node label with the GPU product (GPU feature discovery).
+pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+/// Extended resource of NVIDIA GPUs.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Node labels naming an NVLink domain, first found wins: GPU feature discovery's multi-node
+/// NVLink clique, then WhaleFlux's own label for hand-labelled racks.
+pub const NVLINK_DOMAIN_LABELS: &[&str] = &["nvidia.com/gpu.clique", "whaleflux.io/nvlink-domain"];
+/// Node annotation (RFC 3339 time) keeping the node out of plans until then.
+pub const QUARANTINE_ANNOTATION: &str = "whaleflux.io/quarantined-until";
+
+/// GPUs WhaleFlux plans hold, per pool and deployment: the one record both controllers share, so
+/// two deployments are never planned onto the same GPUs. It is rebuilt from every
+/// LlmDeployment's `status.plan` when the operator starts.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    inner: Mutex<Book>,
+    /// The plan last chosen per deployment and the generation it was chosen for: a reconcile
+    /// that runs before our own status write reaches the watch cache reuses it instead of
+    /// planning (and announcing) again.
+    recent: Mutex<BTreeMap<String, (Option<i64>, whaleflux_crds::Plan)>>,
+}
+
+impl Ledger {
+    /// Plans under the lock: `plan` gets the GPUs others hold on `pool` per node; what it returns
+    /// is recorded for `key` before anyone else can plan. Returns the plan and whether the
+    /// record changed.
+    pub fn plan_and_record<E>(
+        &self,
+        pool: &str,
+        key: &str,
+        plan: impl FnOnce(&BTreeMap<String, i32>) -> Result<whaleflux_crds::Plan, E>,
+    ) -> Result<(whaleflux_crds::Plan, bool), E> {
+        let mut inner = self.lock();
+        let used = used_in(&inner, pool, Some(key));
+        let p = plan(&used)?;
+        let changed = set_in(&mut inner, pool, key, &p);
+        Ok((p, changed))
+    }
+
+    /// Records `plan` as what deployment `key` holds on `pool` (replacing what it held
+    /// anywhere); true when that changed the record.
+    pub fn set(&self, pool: &str, key: &str, plan: &whaleflux_crds::Plan) -> bool {
+        set_in(&mut self.lock(), pool, key, plan)
+    }
+
+    /// Remembers `plan` as chosen for `key` at `generation`.
+    pub fn remember(&self, key: &str, generation: Option<i64>, plan: &whaleflux_crds::Plan) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), (generation, plan.clone()));
+    }
+
+    /// The plan chosen for `key` at `generation`, if this process chose one.
+    pub fn recent(&self, key: &str, generation: Option<i64>) -> Option<whaleflux_crds::Plan> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Forgets what deployment `key` held (it is gone).
+    pub fn remove(&self, key: &str) -> bool {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        let mut inner = self.lock();
+        inner
+            .values_mut()
+            .map(|d| usize::from(d.remove(key).is_some()))
+            .sum::<usize>()
+            > 0
+    }
+
+    /// GPUs held on each node of `pool`, leaving out deployment `except`.
+    pub fn used(&self, pool: &str, except: Option<&str>) -> BTreeMap<String, i32> {
+        used_in(&self.lock(), pool, except)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// pool → (namespace/name) → node → GPUs.
+type Book = BTreeMap<String, BTreeMap<String, BTreeMap<String, i32>>>;
+
+fn used_in(inner: &Book, pool: &str, except: Option<&str>) -> BTreeMap<String, i32> {
+    let mut out: BTreeMap<String, i32> = BTreeMap::new();
+    for (key, held) in inner.get(pool).into_iter().flatten() {
+        if Some(key.as_str()) == except {
+            continue;
+        }
+        for (node, gpus) in held {
+            *out.entry(node.clone()).or_default() += gpus;
+        }
+    }
+    out
+}
+
+fn set_in(inner: &mut Book, pool: &str, key: &str, plan: &whaleflux_crds::Plan) -> bool {
+    let mut held: BTreeMap<String, i32> = BTreeMap::new();
+    let groups: Vec<Vec<String>> = if plan.groups.is_empty() {
+        vec![plan.stages.iter().map(|s| s.node.clone()).collect()]
+    } else {
+        plan.groups.iter().map(|g| g.nodes.clone()).collect()
+    };
+    for nodes in groups.iter().take(plan.replicas.max(0) as usize) {
+        for n in nodes {
+            *held.entry(n.clone()).or_default() += plan.tensor_parallel.max(1);
+        }
+    }
+    if inner.get(pool).and_then(|d| d.get(key)) == Some(&held) {
+        return false;
+    }
+    for deployments in inner.values_mut() {
+        deployments.remove(key);
+    }
+    inner
+        .entry(pool.to_string())
+        .or_default()
+        .insert(key.to_string(), held);
+    true
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True")
+}
+
+fn allocatable_gpus(node: &Node) -> Option<i32> {
+    let q = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get(GPU_RESOURCE))?;
+    q.0.trim().parse::<i32>().ok()
+}
+
+/// Whether `node` carries every label of `selector` (an empty selector selects all).
+pub fn selects(selector: &BTreeMap<String, String>, node: &Node) -> bool {
+    let labels = node.labels();
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The pool's status from the nodes matching its selector, the GPUs plans hold on them (`used`),
+/// the previous conditions (kept unchanged when their status is the same) and the time.
+pub fn pool_status(
+    pool: &GpuPool,
+    nodes: &[Arc<Node>],
+    used: &BTreeMap<String, i32>,
+    now: Timestamp,
+) -> GpuPoolStatus {
+    let over = pool.spec.gpu.as_ref();
+    let mut out = Vec::new();
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
+    let mut models: BTreeSet<String> = BTreeSet::new();
+    let mut matched: Vec<&Arc<Node>> = nodes
+        .iter()
+        .filter(|n| selects(&pool.spec.node_selector, n))
+        .collect();
+    matched.sort_by_key(|n| n.name_any());
+    for node in matched {
+        let name = node.name_any();
+        let labels = node.labels();
+        let product = labels.get(GPU_PRODUCT_LABEL).cloned();
+        let mut reasons = Vec::new();
+        let model = match (product, over) {
+            (_, Some(o)) => o.model.clone(),
+            (Some(p), None) => p,
+            (None, None) => {
+                reasons.push(format!(
+                    "no {GPU_PRODUCT_LABEL} label; set spec.gpu.model in the GpuPool"
+                ));
+                String::new()
+            }
+        };
+        if !model.is_empty() {
+            match catalog::lookup(&model) {
+                Ok(spec) => {
+                    models.insert(spec.short_name.to_string());
+                }
+                Err(_) => {
+                    unknown.insert(model.clone());
+                    reasons.push(format!(
+                        "unknown GPU model {model:?}; set spec.gpu.model to one of {}",
+                        catalog::short_names().join(", ")
+                    ));
+                }
+            }
+        }
+        let gpu_count = over
+            .and_then(|o| o.per_node)
+            .or_else(|| allocatable_gpus(node))
+            .unwrap_or(0)
+            .max(0);
+        if gpu_count == 0 {
+            reasons.push(format!("no allocatable {GPU_RESOURCE}"));
+        }
+        let ready = node_ready(node);
+        if !ready {
+            reasons.push("node is not Ready".into());
+        }
+        let cordoned = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        if cordoned {
+            reasons.push("node is cordoned (spec.unschedulable)".into());
+        }
+        let quarantined_until = node
+            .annotations()
+            .get(QUARANTINE_ANNOTATION)
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .filter(|t| *t > now);
+        if let Some(t) = quarantined_until {
+            reasons.push(format!("quarantined until {t}"));
+        }
+        let allocatable = (gpu_count - used.get(&name).copied().unwrap_or(0)).max(0);
+        let domain = NVLINK_DOMAIN_LABELS
+            .iter()
+            .find_map(|l| labels.get(*l).cloned());
+        out.push(PoolNode {
+            name,
+            gpu_model: model,
+            gpu_count,
+            allocatable,
+            nvlink_domain: domain,
+            ready: ready && !cordoned,
+            quarantined_until: quarantined_until.map(Time),
+            reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+        });
+    }
+    let healthy: Vec<&PoolNode> = out
+        .iter()
+        .filter(|n| n.ready && n.quarantined_until.is_none() && n.reason.is_none())
+        .collect();
+    let healthy_gpus: i32 = healthy.iter().map(|n| n.gpu_count).sum();
+    let total_gpus: i32 = out.iter().map(|n| n.gpu_count).sum();
+    let generation = pool.metadata.generation;
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let ready = if healthy_gpus > 0 {
+        condition(
+            "Ready",
+            true,
+            "GpusAvailable",
+            format!(
+                "{healthy_gpus} GPUs on {} healthy nodes of {}",
+                healthy.len(),
+                out.len()
+            ),
+            generation,
+            &previous,
+            now,
+        )
+    } else {
+        condition(
+            "Ready",
+            false,
+            if out.is_empty() {
+                "NoMatchingNodes"
+            } else {
+                "NoHealthyGpus"
+            },
+            if out.is_empty() {
+                "no node carries the labels of spec.nodeSelector".to_string()
+            } else {
+                "no matching node is Ready, unquarantined and has GPUs".to_string()
+            },
+            generation,
+            &previous,
+            now,
+        )
+    };
+    let unhealthy: Vec<String> = out
+        .iter()
+        .filter(|n| n.reason.is_some())
+        .map(|n| format!("{}: {}", n.name, n.reason.clone().unwrap_or_default()))
+        .collect();
+    let degraded = if !unknown.is_empty() {
+        condition(
+            "Degraded",
+            true,
+            "UnknownGpuModel",
+            format!(
+                "GPU model(s) {} are not in the catalog; set spec.gpu.model to one of {}",
+                unknown.into_iter().collect::<Vec<_>>().join(", "),
+                catalog::short_names().join(", ")
+            ),
+            generation,
+            &previous,
+            now,
+        )
+    } else if !unhealthy.is_empty() {
+        condition(
+            "Degraded",
+            true,
+            "NodesUnavailable",
+            truncate(unhealthy.join("; ")),
+            generation,
+            &previous,
+            now,
+        )
+    } else {
+        condition(
+            "Degraded",
+            false,
+            "AllNodesHealthy",
+            "every matching node is usable".into(),
+            generation,
+            &previous,
+            now,
+        )
+    };
+    GpuPoolStatus {
+        observed_generation: generation,
+        gpu_models: (!models.is_empty()).then(|| models.into_iter().collect::<Vec<_>>().join(",")),
+        total_nodes: out.len() as i32,
+        total_gpus,
+        healthy_nodes: healthy.len() as i32,
+        healthy_gpus,
+        nodes: out,
+        conditions: vec![ready, degraded],
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    const MAX: usize = 1024;
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// A standard condition; `lastTransitionTime` is kept from `previous` when the status did not
+/// change, as the API conventions ask.
+pub fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// Reconciles one GpuPool: recompute its status and write it when it changed.
+pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let labels = vec![("controller", "gpupool".to_string())];
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    let name = pool.name_any();
+    let nodes = ctx.nodes.state();
+    let used = ctx.ledger.used(&name, None);
+    let now = Timestamp::now();
+    let status = pool_status(&pool, &nodes, &used, now);
+    let result = async {
+        if pool.status.as_ref() != Some(&status) {
+            let api: Api<GpuPool> = Api::all(ctx.client.clone());
+            let patch = json!({
+                "apiVersion": "whaleflux.io/v1alpha1",
+                "kind": "GpuPool",
+                "status": status,
+            });
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+            tracing::info!(pool = %name, nodes = status.total_nodes, gpus = status.total_gpus, healthy = status.healthy_gpus, "pool status updated");
+        }
+        ctx.backoff.reset(&format!("gpupool/{name}"));
+        // Re-check when a quarantine ends.
+        let next = status
+            .nodes
+            .iter()
+            .filter_map(|n| n.quarantined_until.as_ref())
+            .filter_map(|t| t.0.duration_since(now).try_into().ok())
+            .min()
+            .map_or(Duration::from_secs(300), |d: Duration| {
+                d + Duration::from_secs(1)
+            });
+        Ok(Action::requeue(next))
+    }
+    .await;
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whaleflux_crds::{GpuOverride, GpuPoolSpec};
+
+    fn node(name: &str, product: Option<&str>, gpus: &str, ready: bool) -> Arc<Node> {
+        let mut labels = serde_json::Map::new();
+        labels.insert("pool".into(), "a".into());
+        if let Some(p) = product {
+            labels.insert(GPU_PRODUCT_LABEL.into(), p.into());
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "status": {"allocatable": {GPU_RESOURCE: gpus},
+                           "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+            }))
+            .expect("node"),
+        )
+    }
+
+    fn pool(over: Option<GpuOverride>) -> GpuPool {
+        let mut p = GpuPool::new(
+            "p",
+            GpuPoolSpec {
+                node_selector: [("pool".to_string(), "a".to_string())].into(),
+                gpu: over,
+                ..GpuPoolSpec::default()
+            },
+        );
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    fn now() -> Timestamp {
+        "2026-06-01T00:00:00Z".parse().expect("time")
+    }
+
+    #[test]
+    fn nodes_become_capacity_with_allocations_subtracted() {
+        let nodes = vec![
+            node("b", Some("NVIDIA-H100-80GB-HBM3"), "8", true),
+            node("a", Some("NVIDIA-H100-80GB-HBM3"), "8", true),
+            node("down", Some("NVIDIA-H100-80GB-HBM3"), "8", false),
+        ];
+        let used = BTreeMap::from([("a".to_string(), 3)]);
+        let s = pool_status(&pool(None), &nodes, &used, now());
+        let names: Vec<_> = s.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "down"]);
+        assert_eq!(s.nodes[0].allocatable, 5);
+        assert_eq!(s.nodes[1].allocatable, 8);
+        assert_eq!((s.total_gpus, s.healthy_gpus, s.healthy_nodes), (24, 16, 2));
+        assert_eq!(s.gpu_models.as_deref(), Some("H100"));
+        assert_eq!(s.observed_generation, Some(3));
+        let degraded = &s.conditions[1];
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "NodesUnavailable")
+        );
+        assert!(degraded.message.contains("down: node is not Ready"));
+    }
+
+    #[test]
+    fn unknown_gpu_is_degraded_and_the_override_fixes_it() {
+        let nodes = vec![node("a", Some("NVIDIA-B300"), "8", true)];
+        let s = pool_status(&pool(None), &nodes, &BTreeMap::new(), now());
+        assert_eq!(s.conditions[1].reason, "UnknownGpuModel");
+        assert_eq!(s.conditions[0].status, "False");
+        let fixed = pool(Some(GpuOverride {
+            model: "H100".into(),
+            per_node: Some(4),
+        }));
+        let s = pool_status(&fixed, &nodes, &BTreeMap::new(), now());
+        assert_eq!(s.conditions[1].status, "False");
+        assert_eq!(s.nodes[0].gpu_count, 4);
+    }
+
+    #[test]
+    fn quarantine_and_cordon_take_nodes_out() {
+        let mut q = (*node("q", Some("H100"), "8", true)).clone();
+        q.metadata.annotations = Some(
+            [(
+                QUARANTINE_ANNOTATION.to_string(),
+                "2026-06-01T00:30:00Z".to_string(),
+            )]
+            .into(),
+        );
+        let mut c = (*node("c", Some("H100"), "8", true)).clone();
+        c.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        let s = pool_status(
+            &pool(None),
+            &[Arc::new(q), Arc::new(c)],
+            &BTreeMap::new(),
+            now(),
+        );
+        assert!(s.nodes.iter().all(|n| n.reason.is_some()));
+        assert!(s.nodes[1].quarantined_until.is_some());
+        assert!(!s.nodes[0].ready, "cordoned");
+        assert_eq!(s.healthy_gpus, 0);
+        // After the quarantine the node is back.
+        let later: Timestamp = "2026-06-01T01:00:00Z".parse().expect("time");
+        let mut q2 = (*node("q", Some("H100"), "8", true)).clone();
+        q2.metadata.annotations = s.nodes.get(1).map(|_| {
+            [(
+                QUARANTINE_ANNOTATION.to_string(),
+                "2026-06-01T00:30:00Z".to_string(),
+            )]
+            .into()
+        });
+        let s = pool_status(&pool(None), &[Arc::new(q2)], &BTreeMap::new(), later);
+        assert_eq!(s.healthy_gpus, 8);
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_while_unchanged() {
+        let nodes = vec![node("a", Some("H100"), "8", true)];
+        let mut p = pool(None);
+        let first = pool_status(&p, &nodes, &BTreeMap::new(), now());
+        p.status = Some(first.clone());
+        let later: Timestamp = "2026-06-01T02:00:00Z".parse().expect("time");
+        let second = pool_status(&p, &nodes, &BTreeMap::new(), later);
+        assert_eq!(first, second, "same input, same status: no write");
+    }
+
+    #[test]
+    fn ledger_records_plans_and_releases_them() {
+        let plan: whaleflux_crds::Plan = serde_json::from_value(json!({
+            "model": "m", "dtype": "bf16", "gpuModel": "H100", "objective": "MinGpus",
+            "tensorParallel": 2, "pipelineParallel": 2, "replicas": 2, "gpusPerReplica": 4,
+            "crossesNodes": false,
+            "stages": [{"index": 0, "layers": [0, 5], "node": "a", "gpus": 2},
+                       {"index": 1, "layers": [5, 10], "node": "b", "gpus": 2}],
+            "groups": [{"index": 0, "nodes": ["a", "b"]}, {"index": 1, "nodes": ["a", "a"]}],
+            "memoryPerGpuBytes": {"weights": 0, "kvCache": 0, "activations": 0, "overhead": 0, "total": 0, "usable": 0},
+            "estimate": {"timePerTokenMs": 1.0, "decodeTokensPerSecond": 1.0, "concurrency": 1}
+        }))
+        .expect("plan");
+        let l = Ledger::default();
+        assert!(l.set("p", "ns/x", &plan));
+        assert!(!l.set("p", "ns/x", &plan), "same plan, no change");
+        assert_eq!(
+            l.used("p", None),
+            BTreeMap::from([("a".to_string(), 6), ("b".to_string(), 2)])
+        );
+        assert!(l.used("p", Some("ns/x")).is_empty());
+        let (_, changed) = l
+            .plan_and_record("p", "ns/y", |used| {
+                assert_eq!(used.get("a"), Some(&6), "y sees x's GPUs");
+                Ok::<_, ()>(plan.clone())
+            })
+            .expect("plan");
+        assert!(changed);
+        assert!(l.remove("ns/x"));
+        assert!(!l.remove("ns/x"));
+        assert_eq!(l.used("p", None).get("a"), Some(&6));
+    }
+}

@@ -1,0 +1,277 @@
+//! The resource builders against golden YAML: the examples planned on fixed pools, built into
+//! the objects the operator applies. Regenerate after an intended change with
+//! `UPDATE_GOLDEN=1 cargo test -p whaleflux-operator --test builders` and review the diff.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+use whaleflux_crds::{InterNodeNetwork, LlmDeployment, PvcSource, WorkerConfig};
+use whaleflux_operator::plan_cmd::parse_deployment;
+use whaleflux_operator::planner::{self, PlanRequest, Pool};
+use whaleflux_operator::resources::children::{
+    self, BuildError, CONFIG_HASH_ANNOTATION, Children, GROUP_LABEL, POD_INDEX_LABEL,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn example(name: &str) -> LlmDeployment {
+    let path = root().join("examples").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut d = parse_deployment(&text).expect("example parses");
+    d.metadata.uid = Some("0f0e0d0c-0000-4000-8000-000000000001".into());
+    d
+}
+
+fn plan_for(d: &LlmDeployment, gpus: &str) -> whaleflux_crds::Plan {
+    let req = PlanRequest::from_spec(&d.spec).expect("request");
+    let pool = Pool::from_gpus_spec(gpus, InterNodeNetwork::InfiniBand).expect("pool");
+    let now: Timestamp = "2026-06-01T00:00:00Z".parse().expect("time");
+    planner::plan(&req, &pool, now).expect("plan")
+}
+
+/// Every object as one multi-document YAML stream, in apply order.
+fn to_yaml(c: &Children) -> String {
+    fn doc<T: Serialize + k8s_openapi::Resource>(out: &mut String, obj: &T) {
+        let mut v = serde_json::to_value(obj).expect("object serializes");
+        v["apiVersion"] = T::API_VERSION.into();
+        v["kind"] = T::KIND.into();
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&v).expect("yaml"));
+    }
+    let mut out = String::new();
+    doc(&mut out, &c.secret);
+    for g in &c.groups {
+        doc(&mut out, &g.config_map);
+        doc(&mut out, &g.headless);
+        doc(&mut out, &g.statefulset);
+    }
+    doc(&mut out, &c.api_service);
+    doc(&mut out, &c.pdb);
+    out
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = root().join("operator/tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    if want != actual {
+        let first = want
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.lines().count().min(actual.lines().count()));
+        panic!(
+            "{} differs from what the builders produce (first difference at line {}); if the \
+             change is intended, regenerate with `UPDATE_GOLDEN=1 cargo test -p \
+             whaleflux-operator --test builders` and review the diff",
+            path.display(),
+            first + 1
+        );
+    }
+}
+
+#[test]
+fn smollm2_on_rtx4090_hostpath_matches_golden() {
+    let d = example("smollm2-135m.yaml");
+    let plan = plan_for(&d, "2x4xRTX4090");
+    let c = children::build(&d, &plan, "s3cr3t").expect("build");
+    golden("smollm2-135m.yaml", &to_yaml(&c));
+
+    assert_eq!(c.groups.len(), 1);
+    let sts = &c.groups[0].statefulset;
+    let spec = sts.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(plan.pipeline_parallel));
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let worker = &pod.containers[0];
+    let limits = worker
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .expect("limits");
+    assert_eq!(
+        limits["nvidia.com/gpu"].0,
+        plan.tensor_parallel.to_string(),
+        "each pod asks for TP GPUs"
+    );
+    let model = pod
+        .volumes
+        .as_ref()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.name == "model")
+        .expect("model volume");
+    assert_eq!(
+        model.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    );
+    // The rendered worker config parses as the worker's type and points at the mounted file.
+    let cfg: WorkerConfig =
+        serde_json::from_str(&c.groups[0].config_map.data.as_ref().expect("data")["worker.json"])
+            .expect("worker config parses");
+    assert_eq!(cfg.model.path, "/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(cfg.group, 0);
+    assert_eq!(cfg.stage, None, "the pod ordinal picks the stage");
+    assert_eq!(
+        cfg.resolve_stage(Some("smollm2-g0-0")),
+        Ok(0),
+        "pod names end in the stage"
+    );
+    assert_eq!(
+        cfg.peers[0].host,
+        "smollm2-g0-0.smollm2-g0.default.svc.cluster.local"
+    );
+}
+
+#[test]
+fn llama70b_two_groups_on_pvc_matches_golden() {
+    let d = example("llama-3.1-70b.yaml");
+    let plan = plan_for(&d, "4x8xH100");
+    let c = children::build(&d, &plan, "s3cr3t").expect("build");
+    golden("llama-3.1-70b.yaml", &to_yaml(&c));
+
+    assert_eq!(c.groups.len(), 2, "one StatefulSet per replica group");
+    for (i, g) in c.groups.iter().enumerate() {
+        let labels = g.statefulset.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels[GROUP_LABEL], i.to_string());
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "whaleflux-operator");
+        let owner = &g
+            .statefulset
+            .metadata
+            .owner_references
+            .as_ref()
+            .expect("owner")[0];
+        assert_eq!(owner.kind, "LlmDeployment");
+        assert_eq!(owner.controller, Some(true));
+        // Node affinity names the nodes the plan placed this group on.
+        let terms = g
+            .statefulset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.affinity.as_ref())
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .expect("node affinity");
+        let mut planned = plan.groups[i].nodes.clone();
+        planned.sort();
+        planned.dedup();
+        assert_eq!(
+            terms.node_selector_terms[0]
+                .match_expressions
+                .as_ref()
+                .expect("expr")[0]
+                .values,
+            Some(planned)
+        );
+    }
+    // The API Service selects stage 0 of every group, and nothing else.
+    let sel = c
+        .api_service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .expect("selector");
+    assert_eq!(sel[POD_INDEX_LABEL], "0");
+    assert!(!sel.contains_key(GROUP_LABEL));
+}
+
+#[test]
+fn config_changes_change_the_pod_template_hash() {
+    let d = example("smollm2-135m.yaml");
+    let plan = plan_for(&d, "1x4xRTX4090");
+    let a = children::build(&d, &plan, "x").expect("build");
+    let mut d2 = d.clone();
+    d2.spec.serving.max_concurrent_sequences += 1;
+    let b = children::build(&d2, &plan, "x").expect("build");
+    let hash = |c: &Children| {
+        c.groups[0]
+            .statefulset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .map(|a| a[CONFIG_HASH_ANNOTATION].clone())
+            .expect("hash annotation")
+    };
+    assert_ne!(hash(&a), hash(&b), "a serving change must roll the pods");
+    assert_eq!(hash(&a), a.groups[0].config_hash);
+}
+
+#[test]
+fn url_weights_download_into_an_empty_dir() {
+    let mut d = example("smollm2-135m.yaml");
+    d.spec.model.weights.source.path = None;
+    d.spec.model.weights.source.url = Some("https://example.com/m/smol.gguf?download=1".into());
+    let plan = plan_for(&d, "1x4xRTX4090");
+    let c = children::build(&d, &plan, "x").expect("build");
+    let pod = c.groups[0]
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod");
+    let init = &pod.init_containers.as_ref().expect("init container")[0];
+    assert!(
+        init.args
+            .as_ref()
+            .is_some_and(|a| a.contains(&"/models/smol.gguf".to_string()))
+    );
+    let model = pod
+        .volumes
+        .as_ref()
+        .and_then(|v| v.iter().find(|v| v.name == "model"))
+        .expect("model volume");
+    assert!(model.empty_dir.is_some());
+
+    d.spec.model.weights.source.url = None;
+    d.spec.model.weights.source.pvc = Some(PvcSource {
+        claim_name: "weights".into(),
+        path: "smol/model.gguf".into(),
+    });
+    let c = children::build(&d, &plan, "x").expect("build");
+    let cfg: WorkerConfig =
+        serde_json::from_str(&c.groups[0].config_map.data.as_ref().expect("data")["worker.json"])
+            .expect("config");
+    assert_eq!(cfg.model.path, "/models/smol/model.gguf");
+}
+
+#[test]
+fn zero_replicas_build_no_groups_and_missing_uid_is_an_error() {
+    let mut d = example("smollm2-135m.yaml");
+    let plan = plan_for(&d, "1x4xRTX4090");
+    d.spec.replicas = 0;
+    assert!(
+        children::build(&d, &plan, "x")
+            .expect("build")
+            .groups
+            .is_empty()
+    );
+    d.metadata.uid = None;
+    assert_eq!(
+        children::build(&d, &plan, "x").unwrap_err(),
+        BuildError::MissingMetadata("uid")
+    );
+}
+
+#[test]
+fn scaling_up_keeps_the_running_groups_hash() {
+    let mut d = example("smollm2-135m.yaml");
+    let one = children::build(&d, &plan_for(&d, "2x4xRTX4090"), "x").expect("build");
+    d.spec.replicas = 2;
+    let two = children::build(&d, &plan_for(&d, "2x4xRTX4090"), "x").expect("build");
+    assert_eq!(two.groups.len(), 2);
+    assert_eq!(
+        one.groups[0].config_hash, two.groups[0].config_hash,
+        "adding a group must not restart group 0"
+    );
+}

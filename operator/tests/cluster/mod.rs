@@ -1,0 +1,388 @@
+//! A test cluster for the operator: the in-memory API server and process kubelet from `e2e/`,
+//! the real `whaleflux operator` binary authenticated as its service account, and the real
+//! `kubectl`.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use whaleflux_e2e::{ApiServer, Kubelet, KubeletConfig, NodeSpec};
+
+/// The operator's service account, as the API server sees it (the audit log's user).
+pub const OPERATOR_USER: &str = "system:serviceaccount:whaleflux-system:whaleflux-operator";
+const OPERATOR_TOKEN: &str = "whaleflux-operator-token";
+/// A second operator replica's identity (leader-election tests tell the two apart by user).
+pub const OPERATOR_B_USER: &str = "system:serviceaccount:whaleflux-system:whaleflux-operator-b";
+const OPERATOR_B_TOKEN: &str = "whaleflux-operator-b-token";
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The SmolLM2 GGUF the workers load.
+pub fn model() -> PathBuf {
+    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
+        panic!(
+            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+/// The worker binary the kubelet runs for the worker image.
+pub fn worker_binary() -> PathBuf {
+    let worker = Path::new(env!("CARGO_BIN_EXE_whaleflux")).with_file_name("whaleflux-worker");
+    assert!(
+        worker.is_file(),
+        "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
+         binaries of the package under test; `cargo nextest run --workspace` builds it too)",
+        worker.display()
+    );
+    worker
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Runs `test` under a time limit.
+pub async fn bounded(limit: Duration, test: impl Future<Output = ()>) {
+    tokio::time::timeout(limit, test)
+        .await
+        .expect("test timed out");
+}
+
+/// Polls `check` until it is true or `limit` passes.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// API server, kubelet, and kubeconfigs for kubectl (admin) and the operator (its service
+/// account).
+pub struct Cluster {
+    pub server: ApiServer,
+    pub kubelet: Option<Kubelet>,
+    pub operator_kubeconfig: PathBuf,
+    pub operator_b_kubeconfig: PathBuf,
+    dir: PathBuf,
+}
+
+/// RTX 4090 workstation nodes of the `rtx4090-pcie` example pool.
+pub fn rtx_nodes(n: usize, gpus: u32) -> Vec<NodeSpec> {
+    (0..n)
+        .map(|i| {
+            NodeSpec::gpu(
+                &format!("ws-{}", (b'a' + i as u8) as char),
+                "NVIDIA-GeForce-RTX-4090",
+                gpus,
+            )
+            .label("whaleflux.io/pool", "rtx4090")
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Starts the API server and, with `nodes`, a process kubelet running the worker binary.
+    pub async fn start(nodes: Vec<NodeSpec>, run_pods: bool) -> Self {
+        let server = ApiServer::builder()
+            .token(OPERATOR_TOKEN, OPERATOR_USER)
+            .token(OPERATOR_B_TOKEN, OPERATOR_B_USER)
+            .start()
+            .await
+            .expect("API server starts");
+        let dir = server
+            .kubeconfig()
+            .parent()
+            .expect("kubeconfig folder")
+            .to_path_buf();
+        let kc = |token: &str, file: &str| {
+            let text = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n\
+                 users:\n- name: operator\n  user:\n    token: {token}\n\
+                 contexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: operator\n    namespace: default\n\
+                 current-context: e2e\n",
+                server.url()
+            );
+            let path = dir.join(file);
+            std::fs::write(&path, text).expect("operator kubeconfig");
+            path
+        };
+        let operator_kubeconfig = kc(OPERATOR_TOKEN, "operator-kubeconfig");
+        let operator_b_kubeconfig = kc(OPERATOR_B_TOKEN, "operator-b-kubeconfig");
+        let kubelet = if run_pods {
+            Some(
+                server
+                    .kubelet(KubeletConfig {
+                        nodes,
+                        images: [("whaleflux-worker".to_string(), worker_binary())].into(),
+                        ..KubeletConfig::default()
+                    })
+                    .await
+                    .expect("kubelet starts"),
+            )
+        } else {
+            None
+        };
+        Self {
+            server,
+            kubelet,
+            operator_kubeconfig,
+            operator_b_kubeconfig,
+            dir,
+        }
+    }
+
+    /// A kube client as admin.
+    pub async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(self.server.kubeconfig()).expect("kubeconfig parses");
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("config");
+        Client::try_from(config).expect("client")
+    }
+
+    /// Runs kubectl (admin) with `args`, feeding `stdin`.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", self.server.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs (is it installed?)");
+        if let Some(input) = stdin
+            && let Some(mut s) = child.stdin.take()
+        {
+            s.write_all(input.as_bytes()).expect("kubectl stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("kubectl finishes")
+    }
+
+    /// kubectl that must succeed; returns its standard output.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Installs the CRDs and the RTX 4090 example pool.
+    pub fn install_crds_and_pool(&self) {
+        let crds = root().join("crds/manifests");
+        self.kubectl_ok(&["apply", "-f", &crds.display().to_string()], None);
+        let pool = root().join("examples/gpupool-rtx4090.yaml");
+        self.kubectl_ok(&["apply", "-f", &pool.display().to_string()], None);
+    }
+
+    /// The smollm2 example with its weights at `$WHALEFLUX_TEST_MODEL`.
+    pub fn smollm2_manifest(&self) -> String {
+        let text = std::fs::read_to_string(root().join("examples/smollm2-135m.yaml"))
+            .expect("example readable");
+        text.replace(
+            "/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            &model().display().to_string(),
+        )
+    }
+
+    /// Starts `whaleflux operator` as the operator's service account.
+    pub fn operator(&self, name: &str, lease_seconds: u64) -> Operator {
+        self.spawn_operator(name, lease_seconds, &self.operator_kubeconfig)
+    }
+
+    /// Starts a second operator replica as [`OPERATOR_B_USER`].
+    pub fn operator_b(&self, name: &str, lease_seconds: u64) -> Operator {
+        self.spawn_operator(name, lease_seconds, &self.operator_b_kubeconfig)
+    }
+
+    fn spawn_operator(&self, name: &str, lease_seconds: u64, kubeconfig: &Path) -> Operator {
+        let port = free_port();
+        let log = self.dir.join(format!("operator-{name}.log"));
+        let file = std::fs::File::create(&log).expect("operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
+            .args([
+                "operator",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--identity",
+                name,
+                "--lease-namespace",
+                "default",
+                "--lease-duration-seconds",
+                &lease_seconds.to_string(),
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,whaleflux_operator=debug")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("whaleflux operator starts");
+        Operator {
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+}
+
+/// A running operator process, killed when dropped.
+pub struct Operator {
+    child: Option<Child>,
+    /// Port of /metrics, /healthz, /readyz.
+    pub port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL, as a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 20 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("operator running");
+        // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("the operator did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// The log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path on the metrics port; (status code, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&format!("127.0.0.1:{}", self.port), path)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.1 GET; (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+impl Cluster {
+    /// What a person would look at when something hangs: objects, pods, the operator's log.
+    pub fn diagnose(&self, op: &Operator) -> String {
+        let mut out = String::new();
+        for args in [
+            &["get", "llmd", "-o", "yaml"][..],
+            &["get", "gpool", "-o", "yaml"][..],
+            &["get", "sts,pods", "-o", "wide"][..],
+        ] {
+            let o = self.kubectl(args, None);
+            out.push_str(&format!(
+                "$ kubectl {}\n{}{}\n",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let log = op.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        out.push_str("operator log (tail):\n");
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// kubectl that must succeed, with diagnostics on failure.
+    pub fn kubectl_ok_or_diagnose(&self, args: &[&str], op: &Operator) -> String {
+        let out = self.kubectl(args, None);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.diagnose(op)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

@@ -1,0 +1,361 @@
+//! The operator end to end, as a user drives it: the real `whaleflux operator` binary against the
+//! in-memory API server, real `kubectl`, and real `whaleflux-worker` processes (run by the process
+//! kubelet) loading SmolLM2 from `$WHALEFLUX_TEST_MODEL` through a hostPath volume. Creation to
+//! Ready, scale to 2 and back, a spec change rolled one group at a time, deletion removing
+//! everything; and the operator's calls against the ClusterRole the chart ships.
+//!
+//! Needs `WHALEFLUX_TEST_MODEL`, `kubectl`, and the worker binary (`cargo build -p
+//! whaleflux-worker`).
+
+mod cluster;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cluster::{Cluster, OPERATOR_USER, bounded, eventually, root, rtx_nodes};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use whaleflux_crds::{GpuPool, LlmDeployment};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn llmd(api: &Api<LlmDeployment>) -> LlmDeployment {
+    api.get("smollm2").await.expect("llmd readable")
+}
+
+fn condition(d: &LlmDeployment, t: &str) -> Option<(String, String)> {
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn pods(api: &Api<Pod>) -> Vec<Pod> {
+    api.list(&ListParams::default().labels("app.kubernetes.io/instance=smollm2"))
+        .await
+        .expect("pods")
+        .items
+}
+
+/// (group, stage) → uid of the running pods.
+async fn pod_uids(api: &Api<Pod>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = pods(api)
+        .await
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn children_left(c: &Cluster) -> Vec<String> {
+    let client = c.client().await;
+    let lp = ListParams::default().labels("app.kubernetes.io/instance=smollm2");
+    let mut left = Vec::new();
+    macro_rules! count {
+        ($t:ty, $kind:expr) => {
+            for o in Api::<$t>::namespaced(client.clone(), "default")
+                .list(&lp)
+                .await
+                .expect("list")
+                .items
+            {
+                left.push(format!("{}/{}", $kind, o.name_any()));
+            }
+        };
+    }
+    count!(StatefulSet, "statefulset");
+    count!(Pod, "pod");
+    count!(Service, "service");
+    count!(ConfigMap, "configmap");
+    count!(Secret, "secret");
+    count!(PodDisruptionBudget, "pdb");
+    left
+}
+
+/// The (group, resource, verb) triples the ClusterRole grants.
+fn cluster_role_grants() -> BTreeSet<(String, String, String)> {
+    let path = root().join("charts/whaleflux/templates/clusterrole.yaml");
+    let text = std::fs::read_to_string(&path).expect("clusterrole readable");
+    let role: serde_json::Value = serde_yaml::from_str(&text).expect("clusterrole is plain YAML");
+    assert_eq!(role["kind"], "ClusterRole");
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        };
+        for g in list("apiGroups") {
+            for r in list("resources") {
+                for v in list("verbs") {
+                    assert!(g != "*" && r != "*" && v != "*", "no wildcards in the role");
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smollm2_lifecycle_through_kubectl() {
+    let model = cluster::model();
+    let c = Cluster::start(rtx_nodes(2, 4), true).await;
+    let mut op = c.operator("op-main", 6);
+    let body = async {
+        c.install_crds_and_pool();
+        let client = c.client().await;
+        let pools: Api<GpuPool> = Api::all(client.clone());
+        eventually("the pool to list its two nodes", WAIT, || async {
+            pools
+                .get("rtx4090-pcie")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.total_nodes == 2 && s.total_gpus == 8 && s.healthy_gpus == 8)
+        })
+        .await;
+        let table = c.kubectl_ok(&["get", "gpool"], None);
+        assert!(table.contains("RTX4090"), "{table}");
+
+        // Create, wait for Ready like a user would.
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&c.smollm2_manifest()));
+        c.kubectl_ok_or_diagnose(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                "llmd/smollm2",
+                "--timeout=90s",
+            ],
+            &op,
+        );
+        let table = c.kubectl_ok(&["get", "llmd"], None);
+        let row: Vec<&str> = table
+            .lines()
+            .find(|l| l.starts_with("smollm2 "))
+            .unwrap_or_else(|| panic!("no smollm2 row in\n{table}"))
+            .split_whitespace()
+            .collect();
+        // NAME MODEL TP PP REPLICAS READY PHASE AGE
+        assert_eq!(
+            &row[1..7],
+            &["smollm2-135m", "1", "1", "1", "1", "Ready"],
+            "{table}"
+        );
+
+        let api: Api<LlmDeployment> = Api::namespaced(client.clone(), "default");
+        let d = llmd(&api).await;
+        let status = d.status.clone().expect("status");
+        assert_eq!(status.observed_generation, d.metadata.generation);
+        assert_eq!(
+            status.endpoint.as_deref(),
+            Some("http://smollm2.default.svc.cluster.local:8000/v1")
+        );
+        assert_eq!(
+            condition(&d, "Planned"),
+            Some(("True".into(), "PlanChosen".into()))
+        );
+        assert!(d.finalizers().iter().any(|f| f == "whaleflux.io/cleanup"));
+
+        // The real worker serves the model on its pod IP.
+        let pod_api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let pod = pod_api.get("smollm2-g0-0").await.expect("stage-0 pod");
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("pod IP");
+        let (code, body) = cluster::http_get(&format!("{ip}:8000"), "/v1/models")
+            .expect("the worker answers on its pod IP");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("smollm2-135m"), "{body}");
+        let cfg_path = model.display().to_string();
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), "default")
+            .get("smollm2-g0-config")
+            .await
+            .expect("config map");
+        assert!(
+            cm.data.as_ref().expect("data")["worker.json"].contains(&cfg_path),
+            "the worker reads the hostPath file"
+        );
+
+        // Scale to 2 through the scale subresource: group 0 keeps running.
+        let before = pod_uids(&pod_api).await;
+        c.kubectl_ok(&["scale", "llmd/smollm2", "--replicas=2"], None);
+        c.kubectl_ok_or_diagnose(
+            &[
+                "wait",
+                "--for=jsonpath={.status.readyReplicas}=2",
+                "llmd/smollm2",
+                "--timeout=90s",
+            ],
+            &op,
+        );
+        let after = pod_uids(&pod_api).await;
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert!(
+            after.contains(&before[0]),
+            "scaling up must not restart group 0: {before:?} → {after:?}"
+        );
+        let d = llmd(&api).await;
+        assert_eq!(d.status.as_ref().map(|s| s.replicas), Some(2));
+        let svc = Api::<Service>::namespaced(client.clone(), "default")
+            .get("smollm2")
+            .await
+            .expect("API service");
+        let sel = svc.spec.and_then(|s| s.selector).expect("selector");
+        assert_eq!(sel["apps.kubernetes.io/pod-index"], "0");
+
+        // A spec change re-plans and replaces the groups one at a time: some group stays
+        // ready throughout.
+        c.kubectl_ok(
+            &[
+                "patch",
+                "llmd/smollm2",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"serving":{"maxConcurrentSequences":4}}}"#,
+            ],
+            None,
+        );
+        let mut min_ready = i32::MAX;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let d = llmd(&api).await;
+            let s = d.status.clone().unwrap_or_default();
+            let uids = pod_uids(&pod_api).await;
+            let replaced = uids.iter().filter(|u| !after.contains(u)).count();
+            if s.observed_generation == d.metadata.generation {
+                min_ready = min_ready.min(s.ready_replicas);
+            }
+            if replaced == 2
+                && s.ready_replicas == 2
+                && s.observed_generation == d.metadata.generation
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rolling update did not finish: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            min_ready >= 1,
+            "a group must stay ready while the other is replaced (saw {min_ready})"
+        );
+        let events = c.kubectl_ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "--field-selector",
+                "regarding.name=smollm2",
+                "-o",
+                "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        for reason in ["PlanChosen", "GroupCreated", "GroupReplaced"] {
+            assert!(events.contains(reason), "no {reason} event in:\n{events}");
+        }
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), "default")
+            .get("smollm2-g1-config")
+            .await
+            .expect("config map");
+        assert!(
+            cm.data.as_ref().expect("data")["worker.json"]
+                .contains("\"maxConcurrentSequences\": 4")
+        );
+
+        // Back to 1: group 1 and its objects go.
+        c.kubectl_ok(&["scale", "llmd/smollm2", "--replicas=1"], None);
+        let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+        eventually("group 1 to be removed", WAIT, || async {
+            sts_api.get_opt("smollm2-g1").await.ok().flatten().is_none()
+                && pod_api
+                    .get_opt("smollm2-g1-0")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+        })
+        .await;
+        c.kubectl_ok_or_diagnose(
+            &[
+                "wait",
+                "--for=jsonpath={.status.phase}=Ready",
+                "llmd/smollm2",
+                "--timeout=60s",
+            ],
+            &op,
+        );
+        let table = c.kubectl_ok(&["get", "llmd", "smollm2"], None);
+        assert!(table.contains(" 1 "), "{table}");
+
+        // Metrics and health.
+        let (code, metrics) = op.get("/metrics").expect("metrics answer");
+        assert_eq!(code, 200);
+        for m in [
+            "whaleflux_reconciles_total",
+            "whaleflux_reconcile_duration_seconds",
+            "whaleflux_plans_total",
+            "whaleflux_groups_ready{",
+            "whaleflux_leader 1",
+        ] {
+            assert!(metrics.contains(m), "no {m} in\n{metrics}");
+        }
+        assert_eq!(op.get("/readyz").map(|r| r.0), Some(200));
+        assert_eq!(op.get("/healthz").map(|r| r.0), Some(200));
+
+        // Delete: kubectl waits for the finalizer; nothing is left.
+        c.kubectl_ok(&["delete", "llmd", "smollm2", "--timeout=90s"], None);
+        assert!(api.get_opt("smollm2").await.expect("get").is_none());
+        let left = children_left(&c).await;
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // The pool's GPUs are free again.
+        eventually("the allocation to be released", WAIT, || async {
+            pools
+                .get("rtx4090-pcie")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.nodes.iter().all(|n| n.allocatable == n.gpu_count))
+        })
+        .await;
+
+        // RBAC: every call the operator made is granted, and every grant was used.
+        let used = c.server.audit().permissions_used(OPERATOR_USER);
+        let granted = cluster_role_grants();
+        let missing: Vec<_> = used.difference(&granted).collect();
+        let unused: Vec<_> = granted.difference(&used).collect();
+        assert!(
+            missing.is_empty(),
+            "the operator made calls the ClusterRole does not allow: {missing:?}"
+        );
+        assert!(
+            unused.is_empty(),
+            "the ClusterRole grants permissions the operator never used: {unused:?}"
+        );
+    };
+    let guard = async {
+        body.await;
+    };
+    bounded(Duration::from_secs(420), guard).await;
+    // Graceful shutdown on SIGTERM: exit 0 and the Lease released.
+    let status = op.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM exit: {status:?}\n{}",
+        op.log_text()
+    );
+}

@@ -1,0 +1,361 @@
+//! A sharded plan end to end: the real `whaleflux operator` turns an LlmDeployment with a fixed
+//! tensor parallel 3 × pipeline parallel 2 split of SmolLM2 into one StatefulSet of two pods (one
+//! per pipeline stage, three TP ranks as threads each), the process kubelet runs them as real
+//! `whaleflux-worker` processes that find each other through the cluster DNS and the group
+//! secret, and a greedy completion sent to the endpoint in the deployment's status (resolved
+//! through the cluster DNS, as a client in the cluster would) returns the same text as
+//! `whaleflux run` serving the same split of the same file as local processes.
+//!
+//! Needs `WHALEFLUX_TEST_MODEL`, `kubectl`, and the worker binary (`cargo build -p
+//! whaleflux-worker`).
+
+mod cluster;
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use cluster::{Cluster, bounded, eventually, free_port, rtx_nodes};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Api;
+use serde_json::Value;
+use whaleflux_crds::{GpuPool, LlmDeployment};
+use whaleflux_operator::local::http;
+
+const PROMPT: &str = "The capital of France is";
+const MAX_TOKENS: u32 = 12;
+
+/// The smollm2 example with the example's sharded split fixed in its spec.
+fn sharded_manifest(c: &Cluster) -> String {
+    let text = c.smollm2_manifest();
+    let fixed = text.replace(
+        "  replicas: 1\n",
+        "  replicas: 1\n  parallelism:\n    tensorParallel: 3\n    pipelineParallel: 2\n",
+    );
+    assert_ne!(fixed, text, "the example's `replicas: 1` line moved");
+    fixed
+}
+
+/// A greedy completion from the OpenAI API at `addr`: the generated text.
+fn complete(addr: SocketAddr) -> String {
+    let body = serde_json::json!({
+        "model": "smollm2-135m",
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    })
+    .to_string();
+    let r = http::request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("completion request to {addr}: {e}"));
+    assert_eq!(r.status, 200, "{addr}: {}", r.body);
+    let v: Value = serde_json::from_str(&r.body).expect("JSON");
+    v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no choices[0].text in {}", r.body))
+        .to_string()
+}
+
+/// The A records of `name` from the DNS server at `server` (one UDP query, as a pod's resolver
+/// would send it; the e2e cluster has no Service VIPs, its DNS answers with the ready pods).
+fn dns_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
+    let id: u16 = rand::random();
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).expect("short label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("UDP socket");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.send_to(&q, server).expect("DNS query sent");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("DNS answer");
+    let r = &buf[..n];
+    assert!(
+        n >= 12 && r[..2] == id.to_be_bytes(),
+        "bad DNS answer {r:?}"
+    );
+    if r[3] & 0x0f != 0 {
+        return Vec::new(); // NXDOMAIN or another error: no address
+    }
+    let answers = u16::from_be_bytes([r[6], r[7]]);
+    // Skip the header and the echoed question: the same bytes as the query.
+    let mut i = q.len();
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        // A name (a compression pointer or labels), then type, class, TTL, length, data.
+        if r[i] & 0xc0 == 0xc0 {
+            i += 2;
+        } else {
+            while r[i] != 0 {
+                i += 1 + r[i] as usize;
+            }
+            i += 1;
+        }
+        let rtype = u16::from_be_bytes([r[i], r[i + 1]]);
+        let len = u16::from_be_bytes([r[i + 8], r[i + 9]]) as usize;
+        i += 10;
+        if rtype == 1 && len == 4 {
+            out.push(Ipv4Addr::new(r[i], r[i + 1], r[i + 2], r[i + 3]));
+        }
+        i += len;
+    }
+    out
+}
+
+/// `whaleflux run` on this machine, killed (with its workers) when dropped.
+struct LocalRun {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LocalRun {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
+            .arg("run")
+            .args(args)
+            .env_remove("WHALEFLUX_MODEL")
+            .env_remove("WHALEFLUX_WORKER_BIN")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("whaleflux run starts");
+        let (tx, lines) = channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing `part`.
+    fn wait_for(&mut self, part: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(part) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "whaleflux run printed no {part:?} in {timeout:?}; output:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "whaleflux run ended without printing {part:?}; output:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for LocalRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
+    let model = cluster::model();
+    let model_arg = model.to_str().expect("UTF-8 model path").to_string();
+    let c = Cluster::start(rtx_nodes(2, 4), true).await;
+    let op = c.operator("op-sharded", 6);
+    let body = async {
+        c.install_crds_and_pool();
+        let client = c.client().await;
+        let pools: Api<GpuPool> = Api::all(client.clone());
+        eventually(
+            "the pool to list its two nodes",
+            Duration::from_secs(60),
+            || async {
+                pools
+                    .get("rtx4090-pcie")
+                    .await
+                    .ok()
+                    .and_then(|p| p.status)
+                    .is_some_and(|s| s.total_nodes == 2 && s.total_gpus == 8)
+            },
+        )
+        .await;
+
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&sharded_manifest(&c)));
+        c.kubectl_ok_or_diagnose(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                "llmd/smollm2",
+                "--timeout=240s",
+            ],
+            &op,
+        );
+        let table = c.kubectl_ok(&["get", "llmd"], None);
+        let row: Vec<&str> = table
+            .lines()
+            .find(|l| l.starts_with("smollm2 "))
+            .unwrap_or_else(|| panic!("no smollm2 row in\n{table}"))
+            .split_whitespace()
+            .collect();
+        // NAME MODEL TP PP REPLICAS READY PHASE AGE
+        assert_eq!(
+            &row[1..7],
+            &["smollm2-135m", "3", "2", "1", "1", "Ready"],
+            "{table}"
+        );
+
+        // One StatefulSet, one pod per stage, each asking for its stage's three GPUs, on
+        // different nodes (four GPUs each: two stages of three cannot share one).
+        let sts = Api::<StatefulSet>::namespaced(client.clone(), "default")
+            .get("smollm2-g0")
+            .await
+            .expect("the group's StatefulSet");
+        assert_eq!(sts.spec.as_ref().and_then(|s| s.replicas), Some(2));
+        let pod_api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let mut nodes = Vec::new();
+        for stage in 0..2 {
+            let name = format!("smollm2-g0-{stage}");
+            let pod = pod_api.get(&name).await.expect("stage pod");
+            let spec = pod.spec.expect("pod spec");
+            let gpus = spec.containers[0]
+                .resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .and_then(|l| l.get("nvidia.com/gpu"))
+                .map(|q| q.0.clone());
+            assert_eq!(gpus.as_deref(), Some("3"), "{name}");
+            nodes.push(spec.node_name.expect("scheduled"));
+        }
+        assert_ne!(nodes[0], nodes[1], "the two stages share a node: {nodes:?}");
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), "default")
+            .get("smollm2-g0-config")
+            .await
+            .expect("config map");
+        let cfg: Value =
+            serde_json::from_str(&cm.data.expect("data")["worker.json"]).expect("worker.json");
+        assert_eq!(cfg["plan"]["tensorParallel"], 3, "{cfg}");
+        assert_eq!(cfg["plan"]["pipelineParallel"], 2, "{cfg}");
+        let peers: Vec<&str> = cfg["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter_map(|p| p["host"].as_str())
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                "smollm2-g0-0.smollm2-g0.default.svc.cluster.local",
+                "smollm2-g0-1.smollm2-g0.default.svc.cluster.local",
+            ],
+            "{cfg}"
+        );
+
+        // Each stage loaded only its half of the layers and joined the other over TCP.
+        let kubelet = c.kubelet.as_ref().expect("kubelet");
+        let log0 = kubelet.logs("default", "smollm2-g0-0", "worker");
+        let log1 = kubelet.logs("default", "smollm2-g0-1", "worker");
+        assert!(log0.contains("layers=0..15"), "stage 0 log:\n{log0}");
+        assert!(log1.contains("layers=15..30"), "stage 1 log:\n{log1}");
+        assert!(
+            log0.contains("group connected and loaded, serving the API"),
+            "stage 0 log:\n{log0}"
+        );
+        assert!(
+            log1.contains("rank connected and loaded"),
+            "stage 1 log:\n{log1}"
+        );
+
+        // The endpoint in the status, resolved by the cluster DNS to the group's stage-0 pod.
+        let d = Api::<LlmDeployment>::namespaced(client.clone(), "default")
+            .get("smollm2")
+            .await
+            .expect("llmd");
+        let endpoint = d.status.and_then(|s| s.endpoint).expect("status.endpoint");
+        let rest = endpoint
+            .strip_prefix("http://")
+            .and_then(|r| r.strip_suffix("/v1"))
+            .unwrap_or_else(|| panic!("endpoint {endpoint} is not http://HOST:PORT/v1"));
+        let (host, port) = rest.rsplit_once(':').expect("HOST:PORT");
+        let port: u16 = port.parse().expect("port");
+        let ips = dns_a(kubelet.dns_addr(), host);
+        let stage0_ip = pod_api
+            .get("smollm2-g0-0")
+            .await
+            .expect("stage 0")
+            .status
+            .and_then(|s| s.pod_ip)
+            .expect("pod IP");
+        assert_eq!(
+            ips.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>(),
+            [stage0_ip],
+            "{host} must resolve to the stage-0 pod only"
+        );
+        let addr = SocketAddr::from((ips[0], port));
+        let cluster_text = tokio::task::spawn_blocking(move || complete(addr))
+            .await
+            .expect("request thread");
+        assert!(!cluster_text.trim().is_empty(), "{cluster_text:?}");
+
+        // The same split of the same file as local processes.
+        let local_port = free_port();
+        let example = cluster::root().join("examples/smollm2-local.yaml");
+        let local_text = tokio::task::spawn_blocking(move || {
+            let port_s = local_port.to_string();
+            let mut run = LocalRun::start(&[
+                "-f",
+                example.to_str().expect("UTF-8 path"),
+                "--devices",
+                "cpu",
+                "--tensor-parallel",
+                "3",
+                "--pipeline-parallel",
+                "2",
+                "--port",
+                &port_s,
+                "--model",
+                &model_arg,
+            ]);
+            run.wait_for("Serving smollm2-135m at", Duration::from_secs(300));
+            complete(SocketAddr::from((Ipv4Addr::LOCALHOST, local_port)))
+        })
+        .await
+        .expect("whaleflux run thread");
+        assert_eq!(
+            cluster_text, local_text,
+            "the cluster's TP=3×PP=2 group and `whaleflux run` disagree"
+        );
+        eprintln!("both answered {PROMPT:?} → {cluster_text:?}");
+    };
+    bounded(Duration::from_secs(540), body).await;
+}

@@ -1,0 +1,485 @@
+//! `whaleflux run` as a user runs it: the real binary starting real `whaleflux-worker`
+//! processes on the real SmolLM2 file, answering HTTP completions, restarting the group when a
+//! worker is killed, and stopping cleanly on SIGTERM; and its errors for bad input.
+//!
+//! Needs `WHALEFLUX_TEST_MODEL` (`scripts/fetch-model.sh` prints the path) and the worker binary
+//! beside `whaleflux` (`cargo build -p whaleflux-worker`; `cargo nextest run --workspace` builds
+//! it).
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use whaleflux_operator::local::http;
+
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/smollm2-local.yaml"
+);
+
+fn model() -> PathBuf {
+    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
+        panic!(
+            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+fn whaleflux() -> Command {
+    let exe = Path::new(env!("CARGO_BIN_EXE_whaleflux"));
+    let worker = exe.with_file_name("whaleflux-worker");
+    assert!(
+        worker.is_file(),
+        "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
+         binaries of the package under test; `cargo nextest run --workspace` builds it too)",
+        worker.display()
+    );
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("WHALEFLUX_MODEL")
+        .env_remove("WHALEFLUX_WORKER_BIN")
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A running `whaleflux run`: its output lines as they come, killed (with its workers, which
+/// die with it) if the test fails.
+struct Run {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Run {
+    fn start(args: &[&str]) -> Self {
+        Self::start_in(args, &std::env::temp_dir())
+    }
+
+    /// Starts with `tmp` as TMPDIR, where `whaleflux run` keeps its run folder.
+    fn start_in(args: &[&str], tmp: &Path) -> Self {
+        let mut child = whaleflux()
+            .arg("run")
+            .args(args)
+            .env("TMPDIR", tmp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start whaleflux run");
+        let (tx, lines) = channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    eprintln!("[whaleflux run] {line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing every one of `parts`; panics with the output so far
+    /// after `timeout` or when the output ends.
+    fn wait_for(&mut self, parts: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {parts:?} in {timeout:?}; output:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "whaleflux run ended without a line with {parts:?}; output:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Waits for the process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Drain what is left so the output is complete.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "whaleflux run still running after {timeout:?}; output:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Live (not zombie) processes whose parent is `parent`, from /proc.
+fn children(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(-1);
+        if ppid == parent && state != "Z" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st != "Z"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a process this test started (or its child); no memory is touched.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// A greedy completion through the group's API; the generated text.
+fn complete(port: u16, prompt: &str) -> String {
+    let body = serde_json::json!({
+        "model": "smollm2-135m",
+        "prompt": prompt,
+        "max_tokens": 6,
+        "temperature": 0,
+    })
+    .to_string();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let r = http::request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        Duration::from_secs(60),
+    )
+    .expect("completion request");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).expect("JSON");
+    v["choices"][0]["text"]
+        .as_str()
+        .expect("choices[0].text")
+        .to_string()
+}
+
+/// Serve, answer, lose a worker, restart, answer again, stop on SIGTERM: `args` pick the split.
+fn serve_restart_stop(args: &[&str], workers: usize) {
+    let model = model();
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut all = vec![
+        "-f",
+        EXAMPLE,
+        "--devices",
+        "cpu",
+        "--port",
+        &port_s,
+        "--model",
+        model.to_str().expect("UTF-8 path"),
+    ];
+    all.extend_from_slice(args);
+    let mut run = Run::start(&all);
+    let line = run.wait_for(&["Serving smollm2-135m at"], Duration::from_secs(300));
+    assert!(
+        line.contains(&format!("http://127.0.0.1:{port}/v1")),
+        "{line}"
+    );
+    run.wait_for(&["curl http://127.0.0.1:"], Duration::from_secs(5));
+
+    let text = complete(port, "The capital of France is");
+    assert!(text.starts_with(" Paris"), "{text:?}");
+
+    let before = children(run.pid());
+    assert_eq!(before.len(), workers, "worker processes: {before:?}");
+    let victim = *before.last().expect("a worker");
+    signal(victim, libc::SIGKILL);
+    let line = run.wait_for(&["restarting the group"], Duration::from_secs(30));
+    assert!(line.contains(&format!("(pid {victim})")), "{line}");
+    assert!(line.contains("SIGKILL"), "{line}");
+    run.wait_for(&["serving again at"], Duration::from_secs(300));
+    let after = children(run.pid());
+    assert_eq!(
+        after.len(),
+        workers,
+        "worker processes after restart: {after:?}"
+    );
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    let text = complete(port, "The capital of France is");
+    assert!(text.starts_with(" Paris"), "after restart: {text:?}");
+
+    signal(run.pid(), libc::SIGTERM);
+    let status = run.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "output:\n{}", run.seen.join("\n"));
+    assert!(
+        run.seen
+            .iter()
+            .any(|l| l.contains("all worker processes stopped")),
+        "{}",
+        run.seen.join("\n")
+    );
+    for pid in before.iter().chain(&after) {
+        assert!(!alive(*pid), "worker {pid} outlived whaleflux run");
+    }
+}
+
+#[test]
+fn single_rank_serves_restarts_a_killed_worker_and_stops_on_sigterm() {
+    serve_restart_stop(
+        &[
+            "--tensor-parallel",
+            "1",
+            "--pipeline-parallel",
+            "1",
+            "--threads",
+            "2",
+        ],
+        1,
+    );
+}
+
+/// The example's sharded plan, tensor parallel 3 x pipeline parallel 2: one process per stage
+/// with its TP ranks as threads.
+#[test]
+fn sharded_tp3_pp2_with_tp_threads_serves_restarts_and_stops() {
+    serve_restart_stop(&["--tp-mode", "threads"], 2);
+}
+
+/// The same plan with every TP rank its own process (all-reduce over loopback TCP).
+#[test]
+fn sharded_tp3_pp2_with_tp_processes_serves_restarts_and_stops() {
+    serve_restart_stop(&["--tp-mode", "processes"], 6);
+}
+
+#[test]
+fn spent_restart_budget_gives_up_with_an_error() {
+    let model = model();
+    let dir = std::env::temp_dir().join(format!("wf-run-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let manifest = dir.join("budget0.yaml");
+    let text = std::fs::read_to_string(EXAMPLE)
+        .expect("example")
+        .replace("restartBudget: 3", "restartBudget: 0");
+    assert!(text.contains("restartBudget: 0"));
+    std::fs::write(&manifest, text).expect("write");
+    let port = free_port().to_string();
+    let mut run = Run::start_in(
+        &[
+            "-f",
+            manifest.to_str().expect("UTF-8"),
+            "--devices",
+            "cpu",
+            "--tensor-parallel",
+            "1",
+            "--pipeline-parallel",
+            "1",
+            "--port",
+            &port,
+            "--model",
+            model.to_str().expect("UTF-8"),
+        ],
+        &dir,
+    );
+    run.wait_for(&["Serving smollm2-135m"], Duration::from_secs(300));
+    let workers = children(run.pid());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    signal(workers[0], libc::SIGKILL);
+    let status = run.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", run.seen.join("\n"));
+    let all = run.seen.join("\n");
+    assert!(
+        all.contains(
+            "restart budget of 0 group restart(s) per hour (spec.failover.restartBudget) is spent"
+        ),
+        "{all}"
+    );
+    assert!(!alive(workers[0]));
+    // The worker logs are kept for a look, in the run folder under TMPDIR.
+    let kept = format!(
+        "worker logs kept in {}",
+        dir.join("whaleflux-run-").display()
+    );
+    assert!(all.contains(&kept), "{all}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_that_fails_to_start_is_reported_with_its_log() {
+    let dir = std::env::temp_dir().join(format!("wf-run-bad-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("not-a-model.gguf");
+    std::fs::write(&bad, b"this is not a GGUF file").expect("write");
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+        .args(["--tensor-parallel", "1", "--pipeline-parallel", "1"])
+        .args(["--port", &free_port().to_string(), "--model"])
+        .arg(&bad)
+        .env("TMPDIR", &dir)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stage 0 (pid") && stderr.contains("while the group was starting"),
+        "{stderr}"
+    );
+    // The worker's own complaint is quoted from its log.
+    assert!(stderr.contains("    | "), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_model_file_names_the_fetch_script() {
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+        .args(["--model", "/nonexistent/SmolLM2.gguf"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("model file /nonexistent/SmolLM2.gguf (from --model) does not exist"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("scripts/fetch-model.sh"), "{stderr}");
+
+    // Without --model or WHALEFLUX_MODEL the manifest's placeholder path is named.
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "/models/SmolLM2-135M-Instruct.Q4_1.gguf (from spec.model.weights.source.path"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+        .args(["--tensor-parallel", "2"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: tensor parallel 2 does not divide the 9 attention heads of smollm2-135m; legal: 1, 3, 9"
+        ),
+        "{stderr}"
+    );
+    // The CPU fallback is said in a log line before planning.
+    assert!(
+        stderr.contains("no GPU found") || stderr.contains("--devices cpu; planning on"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("CPU slots of"), "{stderr}");
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--pipeline-parallel", "31"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("pipeline parallel 31 is not between 1 and the 30 layers of smollm2-135m"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_worker_binary_says_how_to_get_it() {
+    let model = model();
+    let out = whaleflux()
+        .args(["run", "-f", EXAMPLE, "--devices", "cpu", "--model"])
+        .arg(&model)
+        .env("WHALEFLUX_WORKER_BIN", "/nonexistent/whaleflux-worker")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("WHALEFLUX_WORKER_BIN is /nonexistent/whaleflux-worker"),
+        "{stderr}"
+    );
+}

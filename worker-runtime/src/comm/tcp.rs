@@ -1,0 +1,687 @@
+//! TCP transport between processes: one connection per pair of ranks that talk (the higher rank
+//! dials the lower), opened with a mutual HMAC-SHA256 challenge over the group secret, then
+//! length-prefixed frames ([`super::wire`]). A reader thread per connection drains the socket
+//! (so sends never deadlock on full buffers) and enforces the peer timeout: heartbeats flow
+//! while a link is idle, so silence longer than the timeout means the peer is stalled or dead.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::wire::{self, MAX_FRAME};
+use super::{Collective, CommError, Link, Msg, RankId, sum_in_rank_order};
+
+const MAGIC: &[u8; 4] = b"WFLX";
+const VERSION: u8 = 1;
+const NONCE: usize = 32;
+
+/// Called once, from the connection's reader thread, when a peer fails (so a worker process can
+/// exit at once even while it is idle and nobody is waiting on the link).
+pub type FailHook = Arc<dyn Fn(&CommError) + Send + Sync>;
+
+/// Settings shared by every connection of a process.
+#[derive(Clone)]
+pub struct TcpOptions {
+    /// Replica group (peers of another group are refused).
+    pub group: i32,
+    /// The group secret.
+    pub secret: Vec<u8>,
+    /// How long a peer may take to connect, or stay silent once connected.
+    pub timeout: Duration,
+    /// What to do when a connected peer fails.
+    pub on_fail: Option<FailHook>,
+}
+
+impl TcpOptions {
+    /// Options with the secret from the environment; fails when it is unset or empty.
+    pub fn from_env(group: i32, timeout: Duration) -> Result<Self, CommError> {
+        let secret = std::env::var(whaleflux_crds::worker::GROUP_SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .ok_or(CommError::NoSecret)?;
+        Ok(Self {
+            group,
+            secret: secret.into_bytes(),
+            timeout,
+            on_fail: None,
+        })
+    }
+}
+
+/// A connection to one peer rank.
+pub struct TcpConn {
+    peer: RankId,
+    addr: String,
+    writer: Mutex<TcpStream>,
+    rx: Mutex<Receiver<Result<Msg, CommError>>>,
+    closed: Arc<AtomicBool>,
+    stream: TcpStream,
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+fn io_err(peer: RankId, addr: &str, timeout: Duration, e: &std::io::Error) -> CommError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        WouldBlock | TimedOut => CommError::Timeout {
+            peer,
+            addr: addr.into(),
+            ms: timeout.as_millis() as u64,
+        },
+        _ => CommError::Closed {
+            peer,
+            addr: addr.into(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+impl TcpConn {
+    fn start(
+        peer: RankId,
+        stream: TcpStream,
+        opts: &TcpOptions,
+    ) -> Result<Arc<TcpConn>, CommError> {
+        let addr = stream
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        let err = |e: std::io::Error| io_err(peer, &addr, opts.timeout, &e);
+        stream.set_nodelay(true).map_err(err)?;
+        stream.set_read_timeout(Some(opts.timeout)).map_err(err)?;
+        stream.set_write_timeout(Some(opts.timeout)).map_err(err)?;
+        let (tx, rx) = channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let mut reader = stream.try_clone().map_err(err)?;
+        let (r_closed, r_addr, timeout, hook) = (
+            closed.clone(),
+            addr.clone(),
+            opts.timeout,
+            opts.on_fail.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("wf-peer-rx-{}-{}", peer.stage, peer.tp_rank))
+            .spawn(move || {
+                let e = loop {
+                    let mut len = [0u8; 4];
+                    if let Err(e) = reader.read_exact(&mut len) {
+                        break io_err(peer, &r_addr, timeout, &e);
+                    }
+                    let len = u32::from_le_bytes(len) as usize;
+                    if len == 0 || len > MAX_FRAME {
+                        break CommError::Protocol {
+                            peer,
+                            detail: format!("frame of {len} bytes"),
+                        };
+                    }
+                    let mut body = vec![0u8; len];
+                    if let Err(e) = reader.read_exact(&mut body) {
+                        break io_err(peer, &r_addr, timeout, &e);
+                    }
+                    match wire::decode(&body) {
+                        Ok(None) => {}
+                        Ok(Some(Msg::Abort(reason))) => {
+                            break CommError::Closed {
+                                peer,
+                                addr: r_addr.clone(),
+                                detail: format!("it failed: {reason}"),
+                            };
+                        }
+                        Ok(Some(m)) => {
+                            if tx.send(Ok(m)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(detail) => break CommError::Protocol { peer, detail },
+                    }
+                };
+                if r_closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(h) = &hook {
+                    h(&e);
+                }
+                let _ = tx.send(Err(e));
+            })
+            .map_err(err)?;
+        let writer = Mutex::new(stream.try_clone().map_err(err)?);
+        let conn = Arc::new(TcpConn {
+            peer,
+            addr: addr.clone(),
+            writer,
+            rx: Mutex::new(rx),
+            closed: closed.clone(),
+            stream,
+        });
+        let weak = Arc::downgrade(&conn);
+        {
+            let mut all = CONNS.lock().unwrap_or_else(|p| p.into_inner());
+            all.retain(|c| c.strong_count() > 0);
+            all.push(weak.clone());
+        }
+        let every = (opts.timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        std::thread::Builder::new()
+            .name(format!("wf-peer-hb-{}-{}", peer.stage, peer.tp_rank))
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(every);
+                    let Some(c) = weak.upgrade() else { return };
+                    if c.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut w = c.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if w.write_all(&wire::heartbeat()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(conn)
+    }
+
+    /// Where the peer is.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Link for TcpConn {
+    fn peer(&self) -> RankId {
+        self.peer
+    }
+
+    fn send(&self, msg: &Msg) -> Result<(), CommError> {
+        let frame = wire::encode(msg);
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(&frame)
+            .map_err(|e| io_err(self.peer, &self.addr, Duration::ZERO, &e))
+    }
+
+    fn recv(&self) -> Result<Msg, CommError> {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        match rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err(CommError::Closed {
+                peer: self.peer,
+                addr: self.addr.clone(),
+                detail: "the connection ended".into(),
+            }),
+        }
+    }
+}
+
+/// Every live connection of this process, for [`abort_all`].
+static CONNS: Mutex<Vec<std::sync::Weak<TcpConn>>> = Mutex::new(Vec::new());
+
+/// Tell every connected peer that this process is failing, and why (best effort, never
+/// blocks on a busy link): a peer that learns it this way reports the root cause rather than
+/// only "connection closed".
+pub fn abort_all(reason: &str) {
+    let frame = wire::encode(&Msg::Abort(reason.to_string()));
+    let conns: Vec<Arc<TcpConn>> = CONNS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|c| c.upgrade())
+        .collect();
+    for c in conns {
+        if let Ok(mut w) = c.writer.try_lock() {
+            let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
+            let _ = w.write_all(&frame);
+        }
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(secret: &[u8], role: u8, group: i32, who: RankId, a: &[u8], b: &[u8]) -> [u8; 32] {
+    // new_from_slice accepts keys of any length for HMAC.
+    let mut m = match HmacSha256::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC takes keys of any length"),
+    };
+    m.update(&[role]);
+    m.update(&group.to_le_bytes());
+    m.update(&(who.stage as u32).to_le_bytes());
+    m.update(&(who.tp_rank as u32).to_le_bytes());
+    m.update(a);
+    m.update(b);
+    m.finalize().into_bytes().into()
+}
+
+fn verify(
+    secret: &[u8],
+    role: u8,
+    group: i32,
+    who: RankId,
+    a: &[u8],
+    b: &[u8],
+    tag: &[u8],
+) -> bool {
+    let mut m = match HmacSha256::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return false,
+    };
+    m.update(&[role]);
+    m.update(&group.to_le_bytes());
+    m.update(&(who.stage as u32).to_le_bytes());
+    m.update(&(who.tp_rank as u32).to_le_bytes());
+    m.update(a);
+    m.update(b);
+    m.verify_slice(tag).is_ok()
+}
+
+/// Dialer side: say who we are, check the listener knows the secret, prove we do.
+fn handshake_dial(s: &mut TcpStream, me: RankId, opts: &TcpOptions) -> Result<(), String> {
+    let nd: [u8; NONCE] = rand::random();
+    let mut hello = Vec::with_capacity(45);
+    hello.extend_from_slice(MAGIC);
+    hello.push(VERSION);
+    hello.extend_from_slice(&opts.group.to_le_bytes());
+    hello.extend_from_slice(&(me.stage as u32).to_le_bytes());
+    hello.extend_from_slice(&(me.tp_rank as u32).to_le_bytes());
+    hello.extend_from_slice(&nd);
+    s.write_all(&hello).map_err(|e| e.to_string())?;
+    let mut reply = [0u8; NONCE + 32];
+    s.read_exact(&mut reply)
+        .map_err(|e| format!("no handshake reply: {e}"))?;
+    let (nl, tag) = reply.split_at(NONCE);
+    if !verify(&opts.secret, b'L', opts.group, me, &nd, nl, tag) {
+        return Err("the peer does not know the group secret".into());
+    }
+    s.write_all(&mac(&opts.secret, b'D', opts.group, me, nl, &nd))
+        .map_err(|e| e.to_string())?;
+    let mut ok = [0u8; 1];
+    s.read_exact(&mut ok)
+        .map_err(|e| format!("the peer refused us: {e}"))?;
+    if ok[0] != 1 {
+        return Err("the peer refused us".into());
+    }
+    Ok(())
+}
+
+/// Listener side: read who dials, prove we know the secret, check they do.
+fn handshake_accept(s: &mut TcpStream, opts: &TcpOptions) -> Result<RankId, String> {
+    let mut hello = [0u8; 4 + 1 + 12 + NONCE];
+    s.read_exact(&mut hello)
+        .map_err(|e| format!("no hello: {e}"))?;
+    if &hello[..4] != MAGIC || hello[4] != VERSION {
+        return Err("not a WhaleFlux peer (bad magic or version)".into());
+    }
+    let int = |i: usize| [hello[i], hello[i + 1], hello[i + 2], hello[i + 3]];
+    let group = i32::from_le_bytes(int(5));
+    let who = RankId {
+        stage: u32::from_le_bytes(int(9)) as usize,
+        tp_rank: u32::from_le_bytes(int(13)) as usize,
+    };
+    if group != opts.group {
+        return Err(format!(
+            "peer of replica group {group}, this is group {}",
+            opts.group
+        ));
+    }
+    let nd = &hello[17..];
+    let nl: [u8; NONCE] = rand::random();
+    let mut reply = Vec::with_capacity(NONCE + 32);
+    reply.extend_from_slice(&nl);
+    reply.extend_from_slice(&mac(&opts.secret, b'L', group, who, nd, &nl));
+    s.write_all(&reply).map_err(|e| e.to_string())?;
+    let mut tag = [0u8; 32];
+    s.read_exact(&mut tag)
+        .map_err(|e| format!("no proof: {e}"))?;
+    if !verify(&opts.secret, b'D', group, who, &nl, nd, &tag) {
+        return Err(format!("{who} does not know the group secret"));
+    }
+    s.write_all(&[1]).map_err(|e| e.to_string())?;
+    Ok(who)
+}
+
+/// Where to reach one peer.
+#[derive(Debug, Clone)]
+pub struct PeerEndpoint {
+    /// Its rank.
+    pub id: RankId,
+    /// Host name or IP.
+    pub host: String,
+    /// Peer port.
+    pub port: u16,
+}
+
+/// Open the peer listener on every address (before loading the model, so peers that are faster
+/// can dial).
+pub fn listen(port: u16) -> Result<TcpListener, CommError> {
+    listen_on("0.0.0.0", port)
+}
+
+/// Open the peer listener on `host` only: processes that share one network (the e2e process
+/// kubelet gives each pod its own loopback address) each bind their own address, so two stages
+/// can use the same peer port.
+pub fn listen_on(host: &str, port: u16) -> Result<TcpListener, CommError> {
+    TcpListener::bind((host, port)).map_err(|source| CommError::Listen { port, source })
+}
+
+/// Connect this rank (`me`) to every peer in `peers`: dial those ordered before `me`, accept
+/// those after it on `listener`. Waits at most `opts.timeout`.
+pub fn connect(
+    me: RankId,
+    listener: TcpListener,
+    peers: &[PeerEndpoint],
+    opts: &TcpOptions,
+) -> Result<HashMap<RankId, Arc<TcpConn>>, CommError> {
+    let deadline = Instant::now() + opts.timeout;
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let expected: Vec<RankId> = peers.iter().map(|p| p.id).filter(|&id| id > me).collect();
+    let acc_opts = opts.clone();
+    let acceptor = std::thread::Builder::new()
+        .name("wf-peer-accept".into())
+        .spawn(move || -> Result<Vec<(RankId, TcpStream)>, CommError> {
+            let mut got: Vec<(RankId, TcpStream)> = Vec::new();
+            listener
+                .set_nonblocking(true)
+                .map_err(|source| CommError::Listen { port, source })?;
+            while got.len() < expected.len() {
+                let missing = || {
+                    expected
+                        .iter()
+                        .copied()
+                        .find(|id| !got.iter().any(|(g, _)| g == id))
+                        .unwrap_or(me)
+                };
+                if Instant::now() >= deadline {
+                    return Err(CommError::NoDialIn {
+                        peer: missing(),
+                        port,
+                        ms: acc_opts.timeout.as_millis() as u64,
+                    });
+                }
+                match listener.accept() {
+                    Ok((mut s, from)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        match handshake_accept(&mut s, &acc_opts) {
+                            Ok(who) if expected.contains(&who) => {
+                                got.retain(|(g, _)| *g != who);
+                                got.push((who, s));
+                            }
+                            Ok(who) => tracing::warn!(%from, %who, "refused a peer this rank does not talk to"),
+                            Err(reason) => tracing::warn!(%from, %reason, "refused a peer connection"),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(source) => return Err(CommError::Listen { port, source }),
+                }
+            }
+            Ok(got)
+        })
+        .map_err(|source| CommError::Listen { port, source })?;
+    let mut out = HashMap::new();
+    for p in peers.iter().filter(|p| p.id < me) {
+        let stream = dial(me, p, opts, deadline)?;
+        out.insert(p.id, TcpConn::start(p.id, stream, opts)?);
+    }
+    let accepted = acceptor.join().map_err(|_| CommError::Handshake {
+        addr: format!("port {port}"),
+        reason: "the accept thread panicked".into(),
+    })??;
+    for (id, s) in accepted {
+        out.insert(id, TcpConn::start(id, s, opts)?);
+    }
+    Ok(out)
+}
+
+fn dial(
+    me: RankId,
+    p: &PeerEndpoint,
+    opts: &TcpOptions,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
+    let mut last = String::from("not tried");
+    let mut logged = false;
+    while Instant::now() < deadline {
+        let addrs: Vec<SocketAddr> = match super::dns::resolve(&p.host, p.port) {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                last = "the name has no address yet".into();
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => {
+                last = format!("cannot resolve {}: {e}", p.host);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        for a in &addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(
+                a,
+                left.clamp(Duration::from_millis(1), Duration::from_secs(2)),
+            ) {
+                Ok(mut s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = s.set_nodelay(true);
+                    match handshake_dial(&mut s, me, opts) {
+                        Ok(()) => {
+                            tracing::info!(peer = %p.id, addr = %a, "connected to peer");
+                            return Ok(s);
+                        }
+                        Err(e) => last = format!("handshake with {a}: {e}"),
+                    }
+                }
+                Err(e) => last = format!("{a}: {e}"),
+            }
+        }
+        if !logged {
+            tracing::info!(peer = %p.id, host = %p.host, port = p.port, reason = %last, "waiting for peer");
+            logged = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(CommError::Connect {
+        peer: p.id,
+        addr: format!("{}:{}", p.host, p.port),
+        ms: opts.timeout.as_millis() as u64,
+        reason: last,
+    })
+}
+
+/// Tensor-parallel collectives over TCP: every rank sends its part to every other rank and sums
+/// all parts in rank order (one round trip; identical results on every rank).
+pub struct TcpGroup {
+    rank: usize,
+    size: usize,
+    peers: Vec<Option<Arc<TcpConn>>>,
+}
+
+impl TcpGroup {
+    /// `conns` must hold a connection to every other rank of the stage.
+    pub fn new(me: RankId, size: usize, conns: &HashMap<RankId, Arc<TcpConn>>) -> Self {
+        let peers = (0..size)
+            .map(|r| {
+                conns
+                    .get(&RankId {
+                        stage: me.stage,
+                        tp_rank: r,
+                    })
+                    .cloned()
+            })
+            .collect();
+        Self {
+            rank: me.tp_rank,
+            size,
+            peers,
+        }
+    }
+}
+
+impl Collective for TcpGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        if self.size <= 1 {
+            return Ok(());
+        }
+        let msg = Msg::Reduce(buf.to_vec());
+        for p in self.peers.iter().flatten() {
+            p.send(&msg)?;
+        }
+        let Msg::Reduce(mine) = msg else {
+            unreachable!("built above")
+        };
+        let mut parts: Vec<Vec<f32>> = Vec::with_capacity(self.size);
+        for (r, p) in self.peers.iter().enumerate() {
+            match p {
+                None if r == self.rank => parts.push(mine.clone()),
+                None => {
+                    return Err(CommError::Protocol {
+                        peer: RankId {
+                            stage: 0,
+                            tp_rank: r,
+                        },
+                        detail: "no connection to this rank".into(),
+                    });
+                }
+                Some(c) => match c.recv()? {
+                    Msg::Reduce(v) if v.len() == buf.len() => parts.push(v),
+                    other => {
+                        return Err(CommError::Protocol {
+                            peer: c.peer(),
+                            detail: format!(
+                                "expected an all-reduce part of {} values, got {}",
+                                buf.len(),
+                                other.kind()
+                            ),
+                        });
+                    }
+                },
+            }
+        }
+        sum_in_rank_order(buf, parts.iter().map(|p| p.as_slice()));
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.all_reduce_sum(&mut [])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(secret: &str) -> TcpOptions {
+        TcpOptions {
+            group: 0,
+            secret: secret.as_bytes().to_vec(),
+            timeout: Duration::from_secs(5),
+            on_fail: None,
+        }
+    }
+
+    fn rank(r: usize) -> RankId {
+        RankId {
+            stage: 0,
+            tp_rank: r,
+        }
+    }
+
+    fn mesh(n: usize, secret: &[&str]) -> Vec<Result<HashMap<RankId, Arc<TcpConn>>, CommError>> {
+        let listeners: Vec<TcpListener> = (0..n).map(|_| listen(0).expect("listen")).collect();
+        let eps: Vec<PeerEndpoint> = listeners
+            .iter()
+            .enumerate()
+            .map(|(r, l)| PeerEndpoint {
+                id: rank(r),
+                host: "127.0.0.1".into(),
+                port: l.local_addr().expect("addr").port(),
+            })
+            .collect();
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let others: Vec<PeerEndpoint> =
+                        eps.iter().filter(|e| e.id != rank(r)).cloned().collect();
+                    let mut o = opts(secret[r]);
+                    o.timeout = Duration::from_secs(2);
+                    sc.spawn(move || connect(rank(r), l, &others, &o))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        })
+    }
+
+    #[test]
+    fn tcp_all_reduce_over_a_mesh_of_three_ranks() {
+        let conns: Vec<_> = mesh(3, &["s3cret"; 3])
+            .into_iter()
+            .map(|c| c.expect("connected"))
+            .collect();
+        let outs: Vec<Vec<f32>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = conns
+                .iter()
+                .enumerate()
+                .map(|(r, c)| {
+                    sc.spawn(move || {
+                        let g = TcpGroup::new(rank(r), 3, c);
+                        let mut b = vec![r as f32 + 0.5; 1000];
+                        g.all_reduce_sum(&mut b).expect("reduce");
+                        g.barrier().expect("barrier");
+                        b
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("rank")).collect()
+        });
+        for o in outs {
+            assert!(o.iter().all(|&v| v == 4.5), "{:?}", &o[..3]);
+        }
+    }
+
+    #[test]
+    fn a_peer_without_the_secret_is_refused_and_named() {
+        let res = mesh(2, &["right", "wrong"]);
+        let err = res
+            .into_iter()
+            .find_map(|r| r.err())
+            .expect("someone must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("stage 0 TP rank"), "{msg}");
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_receiver_fast_and_names_it() {
+        let mut conns: Vec<_> = mesh(2, &["s"; 2])
+            .into_iter()
+            .map(|c| c.expect("connected"))
+            .collect();
+        let c1 = conns.pop().expect("rank 1");
+        let c0 = conns.pop().expect("rank 0");
+        let link = c0.get(&rank(1)).expect("link").clone();
+        let t0 = Instant::now();
+        drop(c1);
+        let err = link.recv().expect_err("peer is gone");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(err.to_string().contains("stage 0 TP rank 1"), "{err}");
+    }
+}
