@@ -8,14 +8,14 @@
 //! whaleflux-worker`).
 
 mod cluster;
+mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cluster::{Cluster, OPERATOR_USER, bounded, eventually, root, rtx_nodes};
+use cluster::{Cluster, OPERATOR_USER, bounded, eventually, root, rtx_nodes, smollm2_children};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use whaleflux_crds::{GpuPool, LlmDeployment};
@@ -54,31 +54,6 @@ async fn pod_uids(api: &Api<Pod>) -> Vec<(String, String)> {
     v
 }
 
-async fn children_left(c: &Cluster) -> Vec<String> {
-    let client = c.client().await;
-    let lp = ListParams::default().labels("app.kubernetes.io/instance=smollm2");
-    let mut left = Vec::new();
-    macro_rules! count {
-        ($t:ty, $kind:expr) => {
-            for o in Api::<$t>::namespaced(client.clone(), "default")
-                .list(&lp)
-                .await
-                .expect("list")
-                .items
-            {
-                left.push(format!("{}/{}", $kind, o.name_any()));
-            }
-        };
-    }
-    count!(StatefulSet, "statefulset");
-    count!(Pod, "pod");
-    count!(Service, "service");
-    count!(ConfigMap, "configmap");
-    count!(Secret, "secret");
-    count!(PodDisruptionBudget, "pdb");
-    left
-}
-
 /// The (group, resource, verb) triples the ClusterRole grants.
 fn cluster_role_grants() -> BTreeSet<(String, String, String)> {
     let path = root().join("charts/whaleflux/templates/clusterrole.yaml");
@@ -109,7 +84,7 @@ fn cluster_role_grants() -> BTreeSet<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn smollm2_lifecycle_through_kubectl() {
-    let model = cluster::model();
+    let model = common::model();
     let c = Cluster::start(rtx_nodes(2, 4), true).await;
     let mut op = c.operator("op-main", 6);
     let body = async {
@@ -130,27 +105,11 @@ async fn smollm2_lifecycle_through_kubectl() {
 
         // Create, wait for Ready like a user would.
         c.kubectl_ok(&["apply", "-f", "-"], Some(&c.smollm2_manifest()));
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=condition=Ready",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &op,
-        );
-        let table = c.kubectl_ok(&["get", "llmd"], None);
-        let row: Vec<&str> = table
-            .lines()
-            .find(|l| l.starts_with("smollm2 "))
-            .unwrap_or_else(|| panic!("no smollm2 row in\n{table}"))
-            .split_whitespace()
-            .collect();
-        // NAME MODEL TP PP REPLICAS READY PHASE AGE
+        let row = c.wait_smollm2_ready("90s", &op);
         assert_eq!(
             &row[1..7],
             &["smollm2-135m", "1", "1", "1", "1", "Ready"],
-            "{table}"
+            "{row:?}"
         );
 
         let api: Api<LlmDeployment> = Api::namespaced(client.clone(), "default");
@@ -192,15 +151,7 @@ async fn smollm2_lifecycle_through_kubectl() {
         // Scale to 2 through the scale subresource: group 0 keeps running.
         let before = pod_uids(&pod_api).await;
         c.kubectl_ok(&["scale", "llmd/smollm2", "--replicas=2"], None);
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=jsonpath={.status.readyReplicas}=2",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &op,
-        );
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &op);
         let after = pod_uids(&pod_api).await;
         assert_eq!(after.len(), 2, "{after:?}");
         assert!(
@@ -290,15 +241,7 @@ async fn smollm2_lifecycle_through_kubectl() {
                     .is_none()
         })
         .await;
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=jsonpath={.status.phase}=Ready",
-                "llmd/smollm2",
-                "--timeout=60s",
-            ],
-            &op,
-        );
+        c.wait_smollm2("jsonpath={.status.phase}=Ready", "60s", &op);
         let table = c.kubectl_ok(&["get", "llmd", "smollm2"], None);
         assert!(table.contains(" 1 "), "{table}");
 
@@ -320,7 +263,7 @@ async fn smollm2_lifecycle_through_kubectl() {
         // Delete: kubectl waits for the finalizer; nothing is left.
         c.kubectl_ok(&["delete", "llmd", "smollm2", "--timeout=90s"], None);
         assert!(api.get_opt("smollm2").await.expect("get").is_none());
-        let left = children_left(&c).await;
+        let left = smollm2_children(&client, true).await;
         assert!(left.is_empty(), "left behind: {left:?}");
         // The pool's GPUs are free again.
         eventually("the allocation to be released", WAIT, || async {

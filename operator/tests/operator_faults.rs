@@ -7,48 +7,25 @@
 //! whaleflux-worker`).
 
 mod cluster;
+mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cluster::{Cluster, OPERATOR_B_USER, OPERATOR_USER, bounded, eventually, rtx_nodes};
+use cluster::{
+    Cluster, OPERATOR_B_USER, OPERATOR_USER, bounded, eventually, rtx_nodes, smollm2_children,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::ListParams;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use whaleflux_crds::LlmDeployment;
 use whaleflux_e2e::RequestMatch;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Every child of `smollm2`, as kind/name, sorted.
+/// Every child of `smollm2` not being deleted, as kind/name, sorted.
 async fn children(client: &Client) -> Vec<String> {
-    let lp = ListParams::default().labels("app.kubernetes.io/instance=smollm2");
-    let mut out = Vec::new();
-    macro_rules! list {
-        ($t:ty, $kind:expr) => {
-            for o in Api::<$t>::namespaced(client.clone(), "default")
-                .list(&lp)
-                .await
-                .expect("list")
-                .items
-            {
-                if o.meta().deletion_timestamp.is_none() {
-                    out.push(format!("{}/{}", $kind, o.name_any()));
-                }
-            }
-        };
-    }
-    list!(StatefulSet, "statefulset");
-    list!(Pod, "pod");
-    list!(Service, "service");
-    list!(ConfigMap, "configmap");
-    list!(Secret, "secret");
-    list!(PodDisruptionBudget, "pdb");
-    out.sort();
-    out
+    smollm2_children(client, false).await
 }
 
 /// What a clean run with `groups` replica groups owns.
@@ -127,15 +104,7 @@ async fn injected_conflicts_errors_and_expired_watches_converge_without_duplicat
             tokio::time::sleep(Duration::from_millis(700)).await;
             faults.expire_resource_versions();
         }
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=jsonpath={.status.readyReplicas}=2",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &op,
-        );
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &op);
         assert_eq!(children(&client).await, expected(2));
         // A change made while watches are broken is still seen (relist after 410).
         faults.close_watches();
@@ -188,15 +157,7 @@ async fn operator_killed_mid_reconcile_restarts_to_the_same_end_state() {
         c.server.faults().clear();
         // A fresh process (new identity): it takes the Lease once the old one's expires.
         let second = c.operator("op-second", 3);
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=jsonpath={.status.readyReplicas}=2",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &second,
-        );
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &second);
         assert_eq!(children(&client).await, expected(2));
         let d = api.get("smollm2").await.expect("llmd");
         assert_eq!(
@@ -227,15 +188,7 @@ async fn two_replicas_one_leader_and_takeover_when_it_dies() {
         })
         .await;
         c.kubectl_ok(&["apply", "-f", "-"], Some(&c.smollm2_manifest()));
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=condition=Ready",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &a,
-        );
+        c.wait_smollm2("condition=Ready", "90s", &a);
         // Exactly one reconciled: the standby only read the Lease.
         let b_calls = c.server.audit().permissions_used(OPERATOR_B_USER);
         let b_resources: BTreeSet<&str> = b_calls.iter().map(|(_, r, _)| r.as_str()).collect();
@@ -267,15 +220,7 @@ async fn two_replicas_one_leader_and_takeover_when_it_dies() {
         )
         .await;
         c.kubectl_ok(&["scale", "llmd/smollm2", "--replicas=2"], None);
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=jsonpath={.status.readyReplicas}=2",
-                "llmd/smollm2",
-                "--timeout=90s",
-            ],
-            &b,
-        );
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &b);
         assert!(
             c.server
                 .audit()

@@ -10,20 +10,18 @@
 //! whaleflux-worker`).
 
 mod cluster;
+mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cluster::{Cluster, bounded, eventually, free_port, rtx_nodes};
+use cluster::{Cluster, bounded, eventually, rtx_nodes};
+use common::{Run, complete, free_port};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use serde_json::Value;
 use whaleflux_crds::{GpuPool, LlmDeployment};
-use whaleflux_operator::local::http;
 
 const PROMPT: &str = "The capital of France is";
 const MAX_TOKENS: u32 = 12;
@@ -37,31 +35,6 @@ fn sharded_manifest(c: &Cluster) -> String {
     );
     assert_ne!(fixed, text, "the example's `replicas: 1` line moved");
     fixed
-}
-
-/// A greedy completion from the OpenAI API at `addr`: the generated text.
-fn complete(addr: SocketAddr) -> String {
-    let body = serde_json::json!({
-        "model": "smollm2-135m",
-        "prompt": PROMPT,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-    })
-    .to_string();
-    let r = http::request(
-        addr,
-        "POST",
-        "/v1/completions",
-        Some(&body),
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|e| panic!("completion request to {addr}: {e}"));
-    assert_eq!(r.status, 200, "{addr}: {}", r.body);
-    let v: Value = serde_json::from_str(&r.body).expect("JSON");
-    v["choices"][0]["text"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no choices[0].text in {}", r.body))
-        .to_string()
 }
 
 /// The A records of `name` from the DNS server at `server` (one UDP query, as a pod's resolver
@@ -115,81 +88,9 @@ fn dns_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
     out
 }
 
-/// `whaleflux run` on this machine, killed (with its workers) when dropped.
-struct LocalRun {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl LocalRun {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
-            .arg("run")
-            .args(args)
-            .env_remove("WHALEFLUX_MODEL")
-            .env_remove("WHALEFLUX_WORKER_BIN")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("whaleflux run starts");
-        let (tx, lines) = channel();
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for an output line containing `part`.
-    fn wait_for(&mut self, part: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(part) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "whaleflux run printed no {part:?} in {timeout:?}; output:\n{}",
-                    self.seen.join("\n")
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "whaleflux run ended without printing {part:?}; output:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for LocalRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
-    let model = cluster::model();
+    let model = common::model();
     let model_arg = model.to_str().expect("UTF-8 model path").to_string();
     let c = Cluster::start(rtx_nodes(2, 4), true).await;
     let op = c.operator("op-sharded", 6);
@@ -212,27 +113,11 @@ async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
         .await;
 
         c.kubectl_ok(&["apply", "-f", "-"], Some(&sharded_manifest(&c)));
-        c.kubectl_ok_or_diagnose(
-            &[
-                "wait",
-                "--for=condition=Ready",
-                "llmd/smollm2",
-                "--timeout=240s",
-            ],
-            &op,
-        );
-        let table = c.kubectl_ok(&["get", "llmd"], None);
-        let row: Vec<&str> = table
-            .lines()
-            .find(|l| l.starts_with("smollm2 "))
-            .unwrap_or_else(|| panic!("no smollm2 row in\n{table}"))
-            .split_whitespace()
-            .collect();
-        // NAME MODEL TP PP REPLICAS READY PHASE AGE
+        let row = c.wait_smollm2_ready("240s", &op);
         assert_eq!(
             &row[1..7],
             &["smollm2-135m", "3", "2", "1", "1", "Ready"],
-            "{table}"
+            "{row:?}"
         );
 
         // One StatefulSet, one pod per stage, each asking for its stage's three GPUs, on
@@ -322,7 +207,7 @@ async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
             "{host} must resolve to the stage-0 pod only"
         );
         let addr = SocketAddr::from((ips[0], port));
-        let cluster_text = tokio::task::spawn_blocking(move || complete(addr))
+        let cluster_text = tokio::task::spawn_blocking(move || complete(addr, PROMPT, MAX_TOKENS))
             .await
             .expect("request thread");
         assert!(!cluster_text.trim().is_empty(), "{cluster_text:?}");
@@ -332,7 +217,7 @@ async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
         let example = cluster::root().join("examples/smollm2-local.yaml");
         let local_text = tokio::task::spawn_blocking(move || {
             let port_s = local_port.to_string();
-            let mut run = LocalRun::start(&[
+            let mut run = Run::start(&[
                 "-f",
                 example.to_str().expect("UTF-8 path"),
                 "--devices",
@@ -346,8 +231,12 @@ async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
                 "--model",
                 &model_arg,
             ]);
-            run.wait_for("Serving smollm2-135m at", Duration::from_secs(300));
-            complete(SocketAddr::from((Ipv4Addr::LOCALHOST, local_port)))
+            run.wait_for(&["Serving smollm2-135m at"], Duration::from_secs(300));
+            complete(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, local_port)),
+                PROMPT,
+                MAX_TOKENS,
+            )
         })
         .await
         .expect("whaleflux run thread");

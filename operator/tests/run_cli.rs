@@ -6,164 +6,17 @@
 //! beside `whaleflux` (`cargo build -p whaleflux-worker`; `cargo nextest run --workspace` builds
 //! it).
 
-use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+mod common;
 
-use serde_json::Value;
-use whaleflux_operator::local::http;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{Run, free_port, model, whaleflux};
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../examples/smollm2-local.yaml"
 );
-
-fn model() -> PathBuf {
-    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
-        panic!(
-            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
-        )
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
-
-fn whaleflux() -> Command {
-    let exe = Path::new(env!("CARGO_BIN_EXE_whaleflux"));
-    let worker = exe.with_file_name("whaleflux-worker");
-    assert!(
-        worker.is_file(),
-        "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
-         binaries of the package under test; `cargo nextest run --workspace` builds it too)",
-        worker.display()
-    );
-    let mut cmd = Command::new(exe);
-    cmd.env_remove("WHALEFLUX_MODEL")
-        .env_remove("WHALEFLUX_WORKER_BIN")
-        .env("RUST_LOG", "info");
-    cmd
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A running `whaleflux run`: its output lines as they come, killed (with its workers, which
-/// die with it) if the test fails.
-struct Run {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Run {
-    fn start(args: &[&str]) -> Self {
-        Self::start_in(args, &std::env::temp_dir())
-    }
-
-    /// Starts with `tmp` as TMPDIR, where `whaleflux run` keeps its run folder.
-    fn start_in(args: &[&str], tmp: &Path) -> Self {
-        let mut child = whaleflux()
-            .arg("run")
-            .args(args)
-            .env("TMPDIR", tmp)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start whaleflux run");
-        let (tx, lines) = channel();
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    eprintln!("[whaleflux run] {line}");
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for an output line containing every one of `parts`; panics with the output so far
-    /// after `timeout` or when the output ends.
-    fn wait_for(&mut self, parts: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if parts.iter().all(|p| line.contains(p)) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no line with {parts:?} in {timeout:?}; output:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "whaleflux run ended without a line with {parts:?}; output:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-            }
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).expect("pid")
-    }
-
-    /// Waits for the process to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Drain what is left so the output is complete.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "whaleflux run still running after {timeout:?}; output:\n{}",
-                self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Live (not zombie) processes whose parent is `parent`, from /proc.
 fn children(parent: i32) -> Vec<i32> {
@@ -207,28 +60,7 @@ fn signal(pid: i32, sig: libc::c_int) {
 
 /// A greedy completion through the group's API; the generated text.
 fn complete(port: u16, prompt: &str) -> String {
-    let body = serde_json::json!({
-        "model": "smollm2-135m",
-        "prompt": prompt,
-        "max_tokens": 6,
-        "temperature": 0,
-    })
-    .to_string();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let r = http::request(
-        addr,
-        "POST",
-        "/v1/completions",
-        Some(&body),
-        Duration::from_secs(60),
-    )
-    .expect("completion request");
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v: Value = serde_json::from_str(&r.body).expect("JSON");
-    v["choices"][0]["text"]
-        .as_str()
-        .expect("choices[0].text")
-        .to_string()
+    common::complete(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), prompt, 6)
 }
 
 /// Serve, answer, lose a worker, restart, answer again, stop on SIGTERM: `args` pick the split.

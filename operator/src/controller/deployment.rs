@@ -18,7 +18,6 @@ use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use whaleflux_crds::{GpuPool, LlmDeployment, LlmDeploymentStatus, Phase, Plan};
 
 use super::pool::condition;
@@ -477,17 +476,7 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
         .set(i64::from(ready));
     if d.status.as_ref() != Some(&status) {
         let api: Api<LlmDeployment> = Api::namespaced(client, &ns);
-        let patch = json!({
-            "apiVersion": "whaleflux.io/v1alpha1",
-            "kind": "LlmDeployment",
-            "status": status,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        super::apply_status(&api, &name, &status).await?;
         tracing::debug!(deployment = %k, phase = ?status.phase, ready, "status updated");
     }
     Ok(if !planned.condition.0 {

@@ -25,10 +25,34 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use whaleflux_crds::{GpuPool, LlmDeployment};
 
-use crate::resources::children::BuildError;
+use crate::resources::children::{BuildError, FIELD_MANAGER};
 pub use lease::LeaseConfig;
 pub use metrics::Metrics;
 use pool::Ledger;
+
+/// Server-side applies `status` to the status subresource of `name`, as the operator's field
+/// manager, so both controllers own their status fields the same way.
+async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
 
 /// Why a reconcile failed. The reason label of the error metric comes from [`Error::reason`].
 #[derive(Debug, thiserror::Error)]

@@ -8,15 +8,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use whaleflux_crds::{GpuPool, GpuPoolStatus, PoolNode};
 
 use super::{Context, Error};
 use crate::planner::catalog;
-use crate::resources::children::FIELD_MANAGER;
 
 /// Node label with the GPU product (GPU feature discovery).
 pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
@@ -409,17 +406,7 @@ pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, 
     let result = async {
         if pool.status.as_ref() != Some(&status) {
             let api: Api<GpuPool> = Api::all(ctx.client.clone());
-            let patch = json!({
-                "apiVersion": "whaleflux.io/v1alpha1",
-                "kind": "GpuPool",
-                "status": status,
-            });
-            api.patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
+            super::apply_status(&api, &name, &status).await?;
             tracing::info!(pool = %name, nodes = status.total_nodes, gpus = status.total_gpus, healthy = status.healthy_gpus, "pool status updated");
         }
         ctx.backoff.reset(&format!("gpupool/{name}"));
@@ -455,7 +442,7 @@ mod tests {
             labels.insert(GPU_PRODUCT_LABEL.into(), p.into());
         }
         Arc::new(
-            serde_json::from_value(json!({
+            serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "labels": labels},
                 "status": {"allocatable": {GPU_RESOURCE: gpus},
                            "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
@@ -572,7 +559,7 @@ mod tests {
 
     #[test]
     fn ledger_records_plans_and_releases_them() {
-        let plan: whaleflux_crds::Plan = serde_json::from_value(json!({
+        let plan: whaleflux_crds::Plan = serde_json::from_value(serde_json::json!({
             "model": "m", "dtype": "bf16", "gpuModel": "H100", "objective": "MinGpus",
             "tensorParallel": 2, "pipelineParallel": 2, "replicas": 2, "gpusPerReplica": 4,
             "crossesNodes": false,

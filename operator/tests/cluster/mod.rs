@@ -5,14 +5,19 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Resource, ResourceExt};
 use whaleflux_e2e::{ApiServer, Kubelet, KubeletConfig, NodeSpec};
+
+use crate::common::{free_port, model, worker_binary};
 
 /// The operator's service account, as the API server sees it (the audit log's user).
 pub const OPERATOR_USER: &str = "system:serviceaccount:whaleflux-system:whaleflux-operator";
@@ -24,42 +29,6 @@ const OPERATOR_B_TOKEN: &str = "whaleflux-operator-b-token";
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The SmolLM2 GGUF the workers load.
-pub fn model() -> PathBuf {
-    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
-        panic!(
-            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
-        )
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
-
-/// The worker binary the kubelet runs for the worker image.
-pub fn worker_binary() -> PathBuf {
-    let worker = Path::new(env!("CARGO_BIN_EXE_whaleflux")).with_file_name("whaleflux-worker");
-    assert!(
-        worker.is_file(),
-        "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
-         binaries of the package under test; `cargo nextest run --workspace` builds it too)",
-        worker.display()
-    );
-    worker
-}
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// Runs `test` under a time limit.
@@ -384,5 +353,63 @@ impl Cluster {
             self.diagnose(op)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Every child of the `smollm2` deployment in `default`, as kind/name, sorted; those being
+/// deleted only `with_terminating`.
+pub async fn smollm2_children(client: &Client, with_terminating: bool) -> Vec<String> {
+    let lp = ListParams::default().labels("app.kubernetes.io/instance=smollm2");
+    let mut out = Vec::new();
+    macro_rules! list {
+        ($t:ty, $kind:expr) => {
+            for o in Api::<$t>::namespaced(client.clone(), "default")
+                .list(&lp)
+                .await
+                .expect("list")
+                .items
+            {
+                if with_terminating || o.meta().deletion_timestamp.is_none() {
+                    out.push(format!("{}/{}", $kind, o.name_any()));
+                }
+            }
+        };
+    }
+    list!(StatefulSet, "statefulset");
+    list!(Pod, "pod");
+    list!(Service, "service");
+    list!(ConfigMap, "configmap");
+    list!(Secret, "secret");
+    list!(PodDisruptionBudget, "pdb");
+    out.sort();
+    out
+}
+
+impl Cluster {
+    /// `kubectl wait --for=FOR llmd/smollm2 --timeout=TIMEOUT`, with diagnostics on failure.
+    pub fn wait_smollm2(&self, what: &str, timeout: &str, op: &Operator) {
+        self.kubectl_ok_or_diagnose(
+            &[
+                "wait",
+                &format!("--for={what}"),
+                "llmd/smollm2",
+                &format!("--timeout={timeout}"),
+            ],
+            op,
+        );
+    }
+
+    /// Waits (kubectl, up to `timeout` such as "90s") for `llmd/smollm2` to be Ready; then its
+    /// `kubectl get llmd` row: NAME MODEL TP PP REPLICAS READY PHASE AGE.
+    pub fn wait_smollm2_ready(&self, timeout: &str, op: &Operator) -> Vec<String> {
+        self.wait_smollm2("condition=Ready", timeout, op);
+        let table = self.kubectl_ok(&["get", "llmd"], None);
+        table
+            .lines()
+            .find(|l| l.starts_with("smollm2 "))
+            .unwrap_or_else(|| panic!("no smollm2 row in\n{table}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
     }
 }

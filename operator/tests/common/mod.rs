@@ -1,4 +1,5 @@
-//! Helpers shared by the planner tests.
+//! Helpers shared by the operator tests: planner requests and checks, and the real
+//! `whaleflux` and worker binaries run as processes.
 #![allow(dead_code)]
 
 use k8s_openapi::jiff::Timestamp;
@@ -111,4 +112,192 @@ pub fn assert_legal(req: &PlanRequest, pool: &Pool, plan: &Plan, now: Timestamp)
             "{name} over-committed: {n}"
         );
     }
+}
+
+/// The SmolLM2 GGUF the workers load, from `$WHALEFLUX_TEST_MODEL`.
+pub fn model() -> std::path::PathBuf {
+    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
+        panic!(
+            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
+        )
+    });
+    let path = std::path::PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+/// The worker binary beside `whaleflux` (what `whaleflux run` and the kubelet start).
+pub fn worker_binary() -> std::path::PathBuf {
+    let worker =
+        std::path::Path::new(env!("CARGO_BIN_EXE_whaleflux")).with_file_name("whaleflux-worker");
+    assert!(
+        worker.is_file(),
+        "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
+         binaries of the package under test; `cargo nextest run --workspace` builds it too)",
+        worker.display()
+    );
+    worker
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `whaleflux` with the worker binary checked and no model or worker overrides from the
+/// caller's environment.
+pub fn whaleflux() -> std::process::Command {
+    worker_binary();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_whaleflux"));
+    cmd.env_remove("WHALEFLUX_MODEL")
+        .env_remove("WHALEFLUX_WORKER_BIN")
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+/// A running `whaleflux run`: its output lines as they come, killed (with its workers, which
+/// die with it) when dropped.
+pub struct Run {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Run {
+    /// Starts `whaleflux run ARGS`.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_in(args, &std::env::temp_dir())
+    }
+
+    /// Starts with `tmp` as TMPDIR, where `whaleflux run` keeps its run folder.
+    pub fn start_in(args: &[&str], tmp: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = whaleflux()
+            .arg("run")
+            .args(args)
+            .env("TMPDIR", tmp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start whaleflux run");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    eprintln!("[whaleflux run] {line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing every one of `parts`; panics with the output so far
+    /// after `timeout` or when the output ends.
+    pub fn wait_for(&mut self, parts: &[&str], timeout: std::time::Duration) -> String {
+        use std::sync::mpsc::RecvTimeoutError;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {parts:?} in {timeout:?}; output:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "whaleflux run ended without a line with {parts:?}; output:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Drain what is left so the output is complete.
+                while let Ok(line) = self
+                    .lines
+                    .recv_timeout(std::time::Duration::from_millis(200))
+                {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "whaleflux run still running after {timeout:?}; output:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A greedy completion of `prompt` from the OpenAI API at `addr`: the generated text.
+pub fn complete(addr: std::net::SocketAddr, prompt: &str, max_tokens: u32) -> String {
+    let body = serde_json::json!({
+        "model": "smollm2-135m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+    .to_string();
+    let r = whaleflux_operator::local::http::request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("completion request to {addr}: {e}"));
+    assert_eq!(r.status, 200, "{addr}: {}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no choices[0].text in {}", r.body))
+        .to_string()
 }
