@@ -16,11 +16,21 @@ MODEL="${1:-${WHALEFLUX_TEST_MODEL:-$(scripts/fetch-model.sh)}}"
 THREADS="${2:-2}"
 LLAMA_VENV="$CACHE/llama-venv"
 
-if ! "$LLAMA_VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
-  echo "building llama-cpp-python 0.3.36 into $LLAMA_VENV (one-time, ~10 min)" >&2
+# llama.cpp's SIMD options follow this CPU's flags (a flag it lacks would be SIGILL); the venv
+# is rebuilt when they differ from those it was built with.
+has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma)"
+CMAKE_ARGS+=" -DGGML_F16C=$(has f16c) -DGGML_BMI2=$(has bmi2) -DGGML_AVX512=$(has avx512f)"
+CMAKE_ARGS+=" -DGGML_AVX512_VBMI=$(has avx512vbmi) -DGGML_AVX512_VNNI=$(has avx512_vnni)"
+CMAKE_ARGS+=" -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX_VNNI=$(has avx_vnni)"
+CMAKE_ARGS+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF"
+if [[ "$(cat "$LLAMA_VENV/cmake-args" 2>/dev/null)" != "$CMAKE_ARGS" ]] \
+  || ! "$LLAMA_VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  echo "building llama-cpp-python 0.3.36 into $LLAMA_VENV (one-time, ~10 min): $CMAKE_ARGS" >&2
+  rm -rf "$LLAMA_VENV"
   python3 -m venv "$LLAMA_VENV"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
-    "$LLAMA_VENV/bin/pip" install --quiet --no-cache-dir llama-cpp-python==0.3.36 >&2
+  CMAKE_ARGS="$CMAKE_ARGS" "$LLAMA_VENV/bin/pip" install --quiet --no-cache-dir llama-cpp-python==0.3.36 >&2
+  echo "$CMAKE_ARGS" >"$LLAMA_VENV/cmake-args"
 fi
 
 cargo build --release --locked -p whaleflux-worker >&2

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use super::{f16_at, f16_table};
+use super::f16_at;
 use crate::model::gguf::GgmlType;
 
 /// Activations of `n` rows quantized to blocks of 32 int8 with a scale `d` and `s = d * sum(q)`.
@@ -20,13 +20,15 @@ pub struct QuantActs {
     pub blocks: usize,
 }
 
-/// Whether AVX2 and FMA are available (checked once).
+/// Whether AVX2, FMA and F16C are available (checked once; every AVX2 CPU has the other two).
 pub fn has_avx2() -> bool {
     static F: OnceLock<bool> = OnceLock::new();
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -35,32 +37,39 @@ pub fn has_avx2() -> bool {
     })
 }
 
-/// Whether F16C is available too (hardware f16 -> f32 conversion for the KV cache).
-pub fn has_f16c() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            has_avx2() && std::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+/// Which one-instruction u8×i8 dot the kernels can use on top of AVX2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vnni {
+    /// Neither: `maddubs` + `madd`.
+    None,
+    /// AVX-VNNI (VEX `vpdpbusd`, Intel Alder Lake / Sapphire Rapids and later).
+    Avx,
+    /// AVX512-VNNI with AVX512VL (EVEX `vpdpbusd` on 256-bit registers: Ice Lake, Zen 4), for
+    /// CPUs that have it without AVX-VNNI.
+    Avx512,
 }
 
-/// Whether AVX-VNNI is available too (one instruction for the u8×i8 dot).
-pub fn has_vnni() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
+/// The VNNI flavour this CPU has (checked once).
+pub fn vnni() -> Vnni {
+    static F: OnceLock<Vnni> = OnceLock::new();
     *F.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            has_avx2() && std::is_x86_feature_detected!("avxvnni")
+            if !has_avx2() {
+                Vnni::None
+            } else if std::is_x86_feature_detected!("avxvnni") {
+                Vnni::Avx
+            } else if std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                Vnni::Avx512
+            } else {
+                Vnni::None
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            false
+            Vnni::None
         }
     })
 }
@@ -92,7 +101,7 @@ pub fn quantize_acts(x: &[f32], cols: usize) -> QuantActs {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_blocks_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     quantize_blocks(x, qs, d, s);
 }
@@ -136,13 +145,12 @@ pub fn dot_row(ty: GgmlType, w: &[u8], q: &QuantActs, t: usize) -> f32 {
     let s = &q.s[t * nb..(t + 1) * nb];
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        let lut = f16_table();
         // SAFETY: AVX2 and FMA were detected; slices hold `nb` blocks (checked by callers' shapes).
         unsafe {
             return match ty {
-                GgmlType::Q4_1 => avx2::dot_q4_1(w, qs, d, s, nb, lut),
-                GgmlType::Q4_0 => avx2::dot_q4_0(w, qs, d, s, nb, lut),
-                GgmlType::Q8_0 => avx2::dot_q8_0(w, qs, d, nb, lut),
+                GgmlType::Q4_1 => avx2::dot_q4_1(w, qs, d, s, nb),
+                GgmlType::Q4_0 => avx2::dot_q4_0(w, qs, d, s, nb),
+                GgmlType::Q8_0 => avx2::dot_q8_0(w, qs, d, nb),
                 _ => scalar_dot(ty, w, qs, d, s, nb),
             };
         }
@@ -158,23 +166,22 @@ pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 
         let qs = &q.qs[t * nb * 32..(t + 1) * nb * 32];
         let d = &q.d[t * nb..(t + 1) * nb];
         let s = &q.s[t * nb..(t + 1) * nb];
-        let lut = f16_table();
         // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
         unsafe {
             match ty {
                 GgmlType::Q4_1 | GgmlType::Q4_0 => {
                     let min = ty == GgmlType::Q4_1;
-                    return if has_vnni() {
-                        avx2::vnni::dot4_q4(w, qs, d, s, nb, lut, min)
-                    } else {
-                        avx2::plain::dot4_q4(w, qs, d, s, nb, lut, min)
+                    return match vnni() {
+                        Vnni::Avx => avx2::vnni::dot4_q4(w, qs, d, s, nb, min),
+                        Vnni::Avx512 => avx2::vnni512::dot4_q4(w, qs, d, s, nb, min),
+                        Vnni::None => avx2::plain::dot4_q4(w, qs, d, s, nb, min),
                     };
                 }
                 GgmlType::Q8_0 => {
-                    return if has_vnni() {
-                        avx2::vnni::dot4_q8_0(w, qs, d, nb, lut)
-                    } else {
-                        avx2::plain::dot4_q8_0(w, qs, d, nb, lut)
+                    return match vnni() {
+                        Vnni::Avx => avx2::vnni::dot4_q8_0(w, qs, d, nb),
+                        Vnni::Avx512 => avx2::vnni512::dot4_q8_0(w, qs, d, nb),
+                        Vnni::None => avx2::plain::dot4_q8_0(w, qs, d, nb),
                     };
                 }
                 _ => {}
@@ -193,20 +200,23 @@ pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f3
         let qs = &q.qs[t * nb * 32..(t + 2) * nb * 32];
         let d = &q.d[t * nb..(t + 2) * nb];
         let s = &q.s[t * nb..(t + 2) * nb];
-        let lut = f16_table();
         let min = ty == GgmlType::Q4_1;
         // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
         let (lo, hi) = unsafe {
-            if has_vnni() {
-                (
-                    avx2::vnni::dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, lut, min),
-                    avx2::vnni::dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, lut, min),
-                )
-            } else {
-                (
-                    avx2::plain::dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, lut, min),
-                    avx2::plain::dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, lut, min),
-                )
+            let (a, b) = ([w[0], w[1]], [w[2], w[3]]);
+            match vnni() {
+                Vnni::Avx => (
+                    avx2::vnni::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
+                    avx2::vnni::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
+                ),
+                Vnni::Avx512 => (
+                    avx2::vnni512::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
+                    avx2::vnni512::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
+                ),
+                Vnni::None => (
+                    avx2::plain::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
+                    avx2::plain::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
+                ),
             }
         };
         return [
@@ -268,7 +278,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -279,13 +289,14 @@ mod avx2 {
     }
 
     #[inline]
-    fn h(lut: &[f32], blk: *const u8, off: usize) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn h(blk: *const u8, off: usize) -> f32 {
         // SAFETY: callers pass pointers inside a block of at least off+2 bytes.
-        let bits = unsafe { u16::from_le_bytes([*blk.add(off), *blk.add(off + 1)]) };
-        lut[bits as usize]
+        let bits = unsafe { (blk.add(off) as *const u16).read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let mut acc0 = _mm256_setzero_ps();
@@ -317,7 +328,7 @@ mod avx2 {
 
     /// Sum of u4 weights (one 16-byte block, low nibbles first) times int8 activations, as f32x8.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibble_dot(q: *const u8, a: *const i8) -> __m256 {
         // SAFETY: q points at 16 readable bytes and a at 32 (caller's contract).
         unsafe {
@@ -330,15 +341,8 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4_1(
-        w: &[u8],
-        qs: &[i8],
-        d: &[f32],
-        s: &[f32],
-        nb: usize,
-        lut: &[f32],
-    ) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_1(w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize) -> f32 {
         assert!(w.len() >= nb * 20 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
         let mut acc = _mm256_setzero_ps();
         let mut summ = 0f32;
@@ -347,22 +351,15 @@ mod avx2 {
             unsafe {
                 let blk = w.as_ptr().add(b * 20);
                 let p = nibble_dot(blk.add(4), qs.as_ptr().add(b * 32));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h(lut, blk, 0) * d[b]), p, acc);
-                summ += h(lut, blk, 2) * s[b];
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h(blk, 0) * d[b]), p, acc);
+                summ += h(blk, 2) * s[b];
             }
         }
         hsum(acc) + summ
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4_0(
-        w: &[u8],
-        qs: &[i8],
-        d: &[f32],
-        s: &[f32],
-        nb: usize,
-        lut: &[f32],
-    ) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0(w: &[u8], qs: &[i8], d: &[f32], s: &[f32], nb: usize) -> f32 {
         assert!(w.len() >= nb * 18 && qs.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
         let mut acc = _mm256_setzero_ps();
         let mut off = 0f32;
@@ -371,7 +368,7 @@ mod avx2 {
             unsafe {
                 let blk = w.as_ptr().add(b * 18);
                 let p = nibble_dot(blk.add(2), qs.as_ptr().add(b * 32));
-                let dw = h(lut, blk, 0);
+                let dw = h(blk, 0);
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[b]), p, acc);
                 off += dw * s[b];
             }
@@ -381,7 +378,7 @@ mod avx2 {
 
     /// u8×i8 pair sums to i32 lanes with AVX2 (maddubs + madd; no saturation for 4-bit weights).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn mul_avx2(w: __m256i, a: __m256i, ones: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones)
     }
@@ -392,6 +389,16 @@ mod avx2 {
     fn mul_vnni(w: __m256i, a: __m256i, _ones: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
     }
+
+    /// The same with AVX512-VNNI on 256-bit registers (AVX512VL).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn mul_vnni512(w: __m256i, a: __m256i, _ones: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+    }
+
+    /// How many blocks ahead the decode kernels prefetch each weight row.
+    const PREFETCH_BLOCKS: usize = 12;
 
     /// The Q4 kernels, instantiated once per instruction set.
     macro_rules! q4_kernels {
@@ -404,7 +411,6 @@ mod avx2 {
                 d: &[f32],
                 s: &[f32],
                 nb: usize,
-                lut: &[f32],
                 min: bool,
             ) -> [f32; 4] {
                 let bb = if min { 20 } else { 18 };
@@ -422,23 +428,23 @@ mod avx2 {
                         let (da, sa) = (*d.get_unchecked(b), *s.get_unchecked(b));
                         for r in 0..4 {
                             let blk = w[r].as_ptr().add(b * bb);
+                            // Four weight streams per thread outrun the hardware prefetcher.
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                blk.wrapping_add(PREFETCH_BLOCKS * bb) as *const i8
+                            );
                             let raw = _mm_loadu_si128(blk.add(q0) as *const __m128i);
                             let wv = _mm256_and_si256(
                                 _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
                                 mask,
                             );
                             let p = $mul(wv, av, ones);
-                            let dw = h(lut, blk, 0);
+                            let dw = h(blk, 0);
                             acc[r] = _mm256_fmadd_ps(
                                 _mm256_set1_ps(dw * da),
                                 _mm256_cvtepi32_ps(p),
                                 acc[r],
                             );
-                            off[r] += if min {
-                                h(lut, blk, 2) * sa
-                            } else {
-                                -8.0 * dw * sa
-                            };
+                            off[r] += if min { h(blk, 2) * sa } else { -8.0 * dw * sa };
                         }
                     }
                 }
@@ -458,7 +464,6 @@ mod avx2 {
                 d: &[f32],
                 s: &[f32],
                 nb: usize,
-                lut: &[f32],
                 min: bool,
             ) -> [[f32; R]; 2] {
                 let bb = if min { 20 } else { 18 };
@@ -487,7 +492,7 @@ mod avx2 {
                             );
                             let p0 = $mul(wv, a0, ones);
                             let p1 = $mul(wv, a1, ones);
-                            let dw = h(lut, blk, 0);
+                            let dw = h(blk, 0);
                             acc0[r] = _mm256_fmadd_ps(
                                 _mm256_set1_ps(dw * d0),
                                 _mm256_cvtepi32_ps(p0),
@@ -498,7 +503,7 @@ mod avx2 {
                                 _mm256_cvtepi32_ps(p1),
                                 acc1[r],
                             );
-                            let m = if min { h(lut, blk, 2) } else { -8.0 * dw };
+                            let m = if min { h(blk, 2) } else { -8.0 * dw };
                             off[0][r] += m * s0;
                             off[1][r] += m * s1;
                         }
@@ -518,7 +523,6 @@ mod avx2 {
                 qs: &[i8],
                 d: &[f32],
                 nb: usize,
-                lut: &[f32],
             ) -> [f32; 4] {
                 assert!(w.iter().all(|r| r.len() >= nb * 34));
                 assert!(qs.len() >= nb * 32 && d.len() >= nb);
@@ -530,12 +534,15 @@ mod avx2 {
                         let av = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
                         for r in 0..4 {
                             let blk = w[r].as_ptr().add(b * 34);
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                blk.wrapping_add(PREFETCH_BLOCKS * 34) as *const i8
+                            );
                             let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                             let aw = _mm256_sign_epi8(wv, wv);
                             let sa = _mm256_sign_epi8(av, wv);
                             let p = $mul(aw, sa, ones);
                             acc[r] = _mm256_fmadd_ps(
-                                _mm256_set1_ps(h(lut, blk, 0) * da),
+                                _mm256_set1_ps(h(blk, 0) * da),
                                 _mm256_cvtepi32_ps(p),
                                 acc[r],
                             );
@@ -550,17 +557,23 @@ mod avx2 {
     /// Plain AVX2 + FMA.
     pub(super) mod plain {
         use super::*;
-        q4_kernels!("avx2,fma", mul_avx2);
+        q4_kernels!("avx2,fma,f16c", mul_avx2);
     }
 
     /// AVX2 + FMA + AVX-VNNI.
     pub(super) mod vnni {
         use super::*;
-        q4_kernels!("avx2,fma,avxvnni", mul_vnni);
+        q4_kernels!("avx2,fma,f16c,avxvnni", mul_vnni);
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize, lut: &[f32]) -> f32 {
+    /// AVX2 + FMA + AVX512-VNNI/VL (256-bit).
+    pub(super) mod vnni512 {
+        use super::*;
+        q4_kernels!("avx2,fma,f16c,avx512vnni,avx512vl", mul_vnni512);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0(w: &[u8], qs: &[i8], d: &[f32], nb: usize) -> f32 {
         assert!(w.len() >= nb * 34 && qs.len() >= nb * 32 && d.len() >= nb);
         let mut acc = _mm256_setzero_ps();
         let ones = _mm256_set1_epi16(1);
@@ -573,11 +586,7 @@ mod avx2 {
                 let aw = _mm256_sign_epi8(wv, wv);
                 let sa = _mm256_sign_epi8(av, wv);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), ones);
-                acc = _mm256_fmadd_ps(
-                    _mm256_set1_ps(h(lut, blk, 0) * db),
-                    _mm256_cvtepi32_ps(p),
-                    acc,
-                );
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h(blk, 0) * db), _mm256_cvtepi32_ps(p), acc);
             }
         }
         hsum(acc)
@@ -634,11 +643,15 @@ mod tests {
             }
             #[cfg(target_arch = "x86_64")]
             if has_avx2() && ty == GgmlType::Q8_0 {
-                let lut = f16_table();
                 // SAFETY: AVX2/FMA detected; VNNI checked before use.
-                let plain = unsafe { avx2::plain::dot4_q8_0(w, &q.qs, &q.d, q.blocks, lut) };
-                let vnni = has_vnni()
-                    .then(|| unsafe { avx2::vnni::dot4_q8_0(w, &q.qs, &q.d, q.blocks, lut) });
+                let plain = unsafe { avx2::plain::dot4_q8_0(w, &q.qs, &q.d, q.blocks) };
+                let vnni = match vnni() {
+                    Vnni::Avx => Some(unsafe { avx2::vnni::dot4_q8_0(w, &q.qs, &q.d, q.blocks) }),
+                    Vnni::Avx512 => {
+                        Some(unsafe { avx2::vnni512::dot4_q8_0(w, &q.qs, &q.d, q.blocks) })
+                    }
+                    Vnni::None => None,
+                };
                 for r in 0..4 {
                     assert!(close(plain[r], scalar(r, 0)), "Q8_0 plain [{r}]");
                     if let Some(v) = vnni {
@@ -651,19 +664,33 @@ mod tests {
                 let min = ty == GgmlType::Q4_1;
                 let nb = q.blocks;
                 let (qs, d, s) = (&q.qs[..], &q.d[..], &q.s[..]);
-                let lut = f16_table();
                 // SAFETY: AVX2/FMA detected; VNNI checked below before use.
-                let plain = unsafe { avx2::plain::dot4_q4(w, qs, d, s, nb, lut, min) };
-                let plain2 = unsafe { avx2::plain::dot_rx2_q4::<4>(w, qs, d, s, nb, lut, min) };
+                let plain = unsafe { avx2::plain::dot4_q4(w, qs, d, s, nb, min) };
+                let plain2 = unsafe { avx2::plain::dot_rx2_q4::<4>(w, qs, d, s, nb, min) };
                 for r in 0..4 {
                     assert!(close(plain[r], scalar(r, 0)), "{ty:?} plain [{r}]");
                     assert!(close(plain2[1][r], scalar(r, 1)), "{ty:?} plain x2 [{r}]");
                 }
-                if has_vnni() {
-                    // SAFETY: VNNI detected.
-                    let v = unsafe { avx2::vnni::dot4_q4(w, qs, d, s, nb, lut, min) };
-                    for (r, vr) in v.iter().enumerate() {
-                        assert!(close(*vr, scalar(r, 0)), "{ty:?} vnni [{r}]");
+                // SAFETY: each VNNI flavour only where detected.
+                let v = match vnni() {
+                    Vnni::Avx => Some(unsafe {
+                        (
+                            avx2::vnni::dot4_q4(w, qs, d, s, nb, min),
+                            avx2::vnni::dot_rx2_q4::<4>(w, qs, d, s, nb, min),
+                        )
+                    }),
+                    Vnni::Avx512 => Some(unsafe {
+                        (
+                            avx2::vnni512::dot4_q4(w, qs, d, s, nb, min),
+                            avx2::vnni512::dot_rx2_q4::<4>(w, qs, d, s, nb, min),
+                        )
+                    }),
+                    Vnni::None => None,
+                };
+                if let Some((v, v2)) = v {
+                    for r in 0..4 {
+                        assert!(close(v[r], scalar(r, 0)), "{ty:?} vnni [{r}]");
+                        assert!(close(v2[1][r], scalar(r, 1)), "{ty:?} vnni x2 [{r}]");
                     }
                 }
             }

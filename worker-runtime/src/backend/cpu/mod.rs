@@ -6,9 +6,7 @@ mod kernels;
 mod ops;
 mod pool;
 
-pub use kernels::{
-    QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, has_f16c, quantize_acts,
-};
+pub use kernels::{QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, quantize_acts};
 pub use ops::{
     AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, rope, silu, swiglu, swiglu_fast,
 };
@@ -185,8 +183,10 @@ fn rows_per_task(rows: usize, threads: usize) -> usize {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        if kernels::has_vnni() {
+        if kernels::vnni() == kernels::Vnni::Avx {
             "cpu-avx2-vnni"
+        } else if kernels::vnni() == kernels::Vnni::Avx512 {
+            "cpu-avx2-avx512vnni"
         } else if has_avx2() {
             "cpu-avx2"
         } else {

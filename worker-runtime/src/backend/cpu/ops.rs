@@ -219,7 +219,7 @@ pub fn attend(
     assert!(k.len() >= (n - 1) * stride + hd && v.len() >= (n - 1) * stride + hd);
     SCRATCH.with_borrow_mut(|scratch| {
         #[cfg(target_arch = "x86_64")]
-        if super::kernels::has_avx2() && super::kernels::has_f16c() {
+        if super::kernels::has_avx2() {
             // SAFETY: AVX2, FMA and F16C were detected at run time; shapes asserted above.
             unsafe { avx2::attend(q, k, v, stride, n, scale, order, scratch, out) };
             return;
