@@ -182,7 +182,8 @@ pub struct PoolNode {
     pub gpu_model: String,
     /// GPUs on the node.
     pub gpu_count: i32,
-    /// GPUs not yet requested by pods (allocatable minus requested).
+    /// GPUs free for new plans: the node's GPUs minus those WhaleFlux plans hold and those other
+    /// pods bound to the node request.
     pub allocatable: i32,
     /// NVLink domain (e.g. an NVSwitch or NVL72 rack id); nodes sharing one can run TP across
     /// them at NVLink speed.

@@ -103,6 +103,44 @@ async fn smollm2_lifecycle_through_kubectl() {
         let table = c.kubectl_ok(&["get", "gpool"], None);
         assert!(table.contains("RTX4090"), "{table}");
 
+        // Another team's pod bound to ws-a takes 3 of its GPUs (its image has no program here,
+        // so it stays Pending on the node, as a pod pulling its image would): the pool says so.
+        let other = r#"{"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "other-team-train", "namespace": "default"},
+            "spec": {"nodeName": "ws-a", "containers": [{"name": "train",
+                "image": "registry.example/trainer:1",
+                "resources": {"limits": {"nvidia.com/gpu": "3"}}}]}}"#;
+        c.kubectl_ok(&["apply", "-f", "-"], Some(other));
+        let allocatable = |node: &'static str| {
+            let pools = pools.clone();
+            async move {
+                pools
+                    .get("rtx4090-pcie")
+                    .await
+                    .ok()
+                    .and_then(|p| p.status)
+                    .and_then(|s| {
+                        s.nodes
+                            .iter()
+                            .find(|n| n.name == node)
+                            .map(|n| n.allocatable)
+                    })
+            }
+        };
+        eventually("ws-a to show 1 allocatable GPU", WAIT, || async {
+            allocatable("ws-a").await == Some(1)
+        })
+        .await;
+        assert_eq!(allocatable("ws-b").await, Some(4));
+        c.kubectl_ok(
+            &["delete", "pod", "other-team-train", "--timeout=30s"],
+            None,
+        );
+        eventually("ws-a's GPUs to be free again", WAIT, || async {
+            allocatable("ws-a").await == Some(4)
+        })
+        .await;
+
         // Create, wait for Ready like a user would.
         c.kubectl_ok(&["apply", "-f", "-"], Some(&c.smollm2_manifest()));
         let row = c.wait_smollm2_ready("90s", &op);

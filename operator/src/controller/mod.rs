@@ -7,7 +7,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pool;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,19 +16,24 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt, future, stream};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use whaleflux_crds::{GpuPool, LlmDeployment};
 
-use crate::resources::children::{BuildError, FIELD_MANAGER};
+use crate::resources::children::{BuildError, FIELD_MANAGER, MANAGED_BY};
 pub use lease::LeaseConfig;
 pub use metrics::Metrics;
 use pool::Ledger;
+
+/// `namespace/name` of a pod, the key of its record in the ledger.
+fn pod_key(p: &Pod) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
 
 /// Server-side applies `status` to the status subresource of `name`, as the operator's field
 /// manager, so both controllers own their status fields the same way.
@@ -124,8 +129,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// GPUs WhaleFlux plans hold.
-    pub ledger: Ledger,
+    /// GPUs WhaleFlux plans and other pods take.
+    pub ledger: Arc<Ledger>,
     /// Every Node (reflector).
     pub nodes: Store<Node>,
     /// Every GpuPool (the GpuPool controller's reflector).
@@ -312,6 +317,56 @@ async fn controllers(
     };
     let node_task = tokio::spawn(node_events);
 
+    let ledger = Arc::new(Ledger::default());
+    let (pods_listed_tx, mut pods_listed) = watch::channel(false);
+    // Pods WhaleFlux does not manage: the GPUs they request are not free for plans.
+    let pod_events = {
+        let tx = trigger_tx.clone();
+        let ledger = ledger.clone();
+        let cfg = watcher::Config::default()
+            .labels(&format!("app.kubernetes.io/managed-by!={MANAGED_BY}"))
+            .fields("status.phase!=Succeeded,status.phase!=Failed");
+        let mut buffer = BTreeMap::new();
+        let listed = pods_listed_tx;
+        watcher(Api::<Pod>::all(client.clone()), cfg)
+            .default_backoff()
+            .for_each(move |e| {
+                let changed = match e {
+                    Ok(watcher::Event::Apply(p)) => {
+                        ledger.set_pod(&pod_key(&p), pool::pod_gpus(&p))
+                    }
+                    Ok(watcher::Event::Delete(p)) => ledger.set_pod(&pod_key(&p), None),
+                    Ok(watcher::Event::Init) => {
+                        buffer.clear();
+                        false
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        if let Some(t) = pool::pod_gpus(&p) {
+                            buffer.insert(pod_key(&p), t);
+                        }
+                        false
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        listed.send_replace(true);
+                        ledger.replace_pods(std::mem::take(&mut buffer))
+                    }
+                    Err(e) => {
+                        tracing::warn!("watching pods: {e}");
+                        false
+                    }
+                };
+                if changed {
+                    tx.send_modify(|g| *g = g.wrapping_add(1));
+                }
+                future::ready(())
+            })
+    };
+    let pod_task = tokio::spawn(pod_events);
+    let abort = || {
+        node_task.abort();
+        pod_task.abort();
+    };
+
     let pool_ctrl = Controller::new(
         Api::<GpuPool>::all(client.clone()),
         watcher::Config::default(),
@@ -333,7 +388,7 @@ async fn controllers(
         client: client.clone(),
         recorder,
         metrics,
-        ledger: Ledger::default(),
+        ledger,
         nodes: node_reader.clone(),
         pools: pools.clone(),
         backoff: Backoff::default(),
@@ -357,15 +412,19 @@ async fn controllers(
                 tracing::warn!("listing LlmDeployments to rebuild the ledger: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.clone() => { node_task.abort(); return; }
+                    _ = stop.clone() => { abort(); return; }
                 }
             }
         }
     }
-    // Pools are computed from a complete node list, not a half-filled one.
+    // Pools are computed from complete node and pod lists, not half-filled ones.
     tokio::select! {
-        r = node_reader.wait_until_ready() => if r.is_err() { node_task.abort(); return; },
-        _ = stop.clone() => { node_task.abort(); return; }
+        r = node_reader.wait_until_ready() => if r.is_err() { abort(); return; },
+        _ = stop.clone() => { abort(); return; }
+    }
+    tokio::select! {
+        r = pods_listed.wait_for(|l| *l) => if r.is_err() { abort(); return; },
+        _ = stop.clone() => { abort(); return; }
     }
 
     let pool_triggers = stream::unfold(trigger_rx, |mut rx| async move {
@@ -419,7 +478,7 @@ async fn controllers(
         });
     tracing::info!("controllers running");
     future::join(pool_run, llmd_run).await;
-    node_task.abort();
+    abort();
     drop(pools);
     tracing::info!("controllers stopped");
 }

@@ -1,11 +1,12 @@
 //! GpuPool controller: matching Nodes → `status.nodes`, totals and conditions. The status is a
-//! pure function of the pool, the nodes, the GPUs WhaleFlux plans hold, and the clock.
+//! pure function of the pool, the nodes, the GPUs taken (by WhaleFlux plans and by other pods),
+//! and the clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -25,12 +26,16 @@ pub const NVLINK_DOMAIN_LABELS: &[&str] = &["nvidia.com/gpu.clique", "whaleflux.
 /// Node annotation (RFC 3339 time) keeping the node out of plans until then.
 pub const QUARANTINE_ANNOTATION: &str = "whaleflux.io/quarantined-until";
 
-/// GPUs WhaleFlux plans hold, per pool and deployment: the one record both controllers share, so
-/// two deployments are never planned onto the same GPUs. It is rebuilt from every
-/// LlmDeployment's `status.plan` when the operator starts.
+/// GPUs taken on each node: those WhaleFlux plans hold, per pool and deployment, and those other
+/// pods bound to the node request. It is the one record both controllers share, so two
+/// deployments are never planned onto the same GPUs nor onto GPUs another workload uses. The
+/// plans are rebuilt from every LlmDeployment's `status.plan` when the operator starts; the pods
+/// come from a watch.
 #[derive(Debug, Default)]
 pub struct Ledger {
     inner: Mutex<Book>,
+    /// Pods not managed by WhaleFlux that request GPUs: namespace/name → (node, GPUs).
+    pods: Mutex<BTreeMap<String, (String, i32)>>,
     /// The plan last chosen per deployment and the generation it was chosen for: a reconcile
     /// that runs before our own status write reaches the watch cache reuses it instead of
     /// planning (and announcing) again.
@@ -48,7 +53,8 @@ impl Ledger {
         plan: impl FnOnce(&BTreeMap<String, i32>) -> Result<whaleflux_crds::Plan, E>,
     ) -> Result<(whaleflux_crds::Plan, bool), E> {
         let mut inner = self.lock();
-        let used = used_in(&inner, pool, Some(key));
+        let mut used = used_in(&inner, pool, Some(key));
+        self.add_pods(&mut used);
         let p = plan(&used)?;
         let changed = set_in(&mut inner, pool, key, &p);
         Ok((p, changed))
@@ -92,9 +98,40 @@ impl Ledger {
             > 0
     }
 
-    /// GPUs held on each node of `pool`, leaving out deployment `except`.
+    /// GPUs taken on each node of `pool`: by plans other than deployment `except`'s, and by
+    /// other pods.
     pub fn used(&self, pool: &str, except: Option<&str>) -> BTreeMap<String, i32> {
-        used_in(&self.lock(), pool, except)
+        let mut used = used_in(&self.lock(), pool, except);
+        self.add_pods(&mut used);
+        used
+    }
+
+    /// Records what pod `key` (namespace/name) takes: `Some((node, gpus))`, or `None` when it
+    /// takes nothing (gone, finished, unbound, no GPUs). True when that changed the record.
+    pub fn set_pod(&self, key: &str, takes: Option<(String, i32)>) -> bool {
+        let mut pods = self.lock_pods();
+        match takes {
+            Some(t) => pods.insert(key.to_string(), t.clone()) != Some(t),
+            None => pods.remove(key).is_some(),
+        }
+    }
+
+    /// Replaces every pod record (a watch that started over); true when that changed it.
+    pub fn replace_pods(&self, all: BTreeMap<String, (String, i32)>) -> bool {
+        let mut pods = self.lock_pods();
+        let changed = *pods != all;
+        *pods = all;
+        changed
+    }
+
+    fn add_pods(&self, used: &mut BTreeMap<String, i32>) {
+        for (node, gpus) in self.lock_pods().values() {
+            *used.entry(node.clone()).or_default() += gpus;
+        }
+    }
+
+    fn lock_pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, i32)>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -161,13 +198,48 @@ fn allocatable_gpus(node: &Node) -> Option<i32> {
     q.0.trim().parse::<i32>().ok()
 }
 
+/// The node a pod is bound to and the GPUs it takes there, as the scheduler counts them: the
+/// larger of the sum over its containers and the largest init container (a request, or the
+/// limit where only a limit is set). `None` for pods that take none: unbound, finished, or
+/// without GPU requests.
+pub fn pod_gpus(pod: &Pod) -> Option<(String, i32)> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let gpus = |c: &Container| -> i32 {
+        let r = c.resources.as_ref();
+        r.and_then(|r| r.requests.as_ref())
+            .and_then(|q| q.get(GPU_RESOURCE))
+            .or_else(|| {
+                r.and_then(|r| r.limits.as_ref())
+                    .and_then(|q| q.get(GPU_RESOURCE))
+            })
+            .and_then(|q| q.0.trim().parse::<i32>().ok())
+            .unwrap_or(0)
+            .max(0)
+    };
+    let main: i32 = spec.containers.iter().map(gpus).sum();
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(gpus)
+        .max()
+        .unwrap_or(0);
+    let n = main.max(init);
+    (n > 0).then_some((node, n))
+}
+
 /// Whether `node` carries every label of `selector` (an empty selector selects all).
 pub fn selects(selector: &BTreeMap<String, String>, node: &Node) -> bool {
     let labels = node.labels();
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// The pool's status from the nodes matching its selector, the GPUs plans hold on them (`used`),
+/// The pool's status from the nodes matching its selector, the GPUs taken on them (`used`: by plans and other pods),
 /// the previous conditions (kept unchanged when their status is the same) and the time.
 pub fn pool_status(
     pool: &GpuPool,
@@ -434,6 +506,86 @@ pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, 
 mod tests {
     use super::*;
     use whaleflux_crds::{GpuOverride, GpuPoolSpec};
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    /// GPUs a pod takes: requests, else limits; containers summed, init containers maxed;
+    /// unbound, finished and GPU-less pods take none.
+    #[test]
+    fn pod_gpus_counts_like_the_scheduler() {
+        let gpu = |req: Option<&str>, lim: Option<&str>| {
+            let mut r = serde_json::Map::new();
+            if let Some(q) = req {
+                r.insert("requests".into(), serde_json::json!({GPU_RESOURCE: q}));
+            }
+            if let Some(q) = lim {
+                r.insert("limits".into(), serde_json::json!({GPU_RESOURCE: q}));
+            }
+            serde_json::json!({"name": "c", "resources": r})
+        };
+        let bound =
+            |containers: Vec<serde_json::Value>, init: Vec<serde_json::Value>, phase: &str| {
+                pod(serde_json::json!({
+                    "metadata": {"name": "p", "namespace": "ml"},
+                    "spec": {"nodeName": "n1", "containers": containers, "initContainers": init},
+                    "status": {"phase": phase},
+                }))
+            };
+        assert_eq!(
+            pod_gpus(&bound(
+                vec![gpu(Some("2"), Some("2")), gpu(None, Some("1"))],
+                vec![],
+                "Running"
+            )),
+            Some(("n1".into(), 3))
+        );
+        assert_eq!(
+            pod_gpus(&bound(
+                vec![gpu(Some("1"), None)],
+                vec![gpu(None, Some("4"))],
+                "Pending"
+            )),
+            Some(("n1".into(), 4))
+        );
+        assert_eq!(
+            pod_gpus(&bound(vec![gpu(Some("2"), None)], vec![], "Succeeded")),
+            None
+        );
+        assert_eq!(
+            pod_gpus(&bound(vec![gpu(Some("2"), None)], vec![], "Failed")),
+            None
+        );
+        assert_eq!(
+            pod_gpus(&bound(vec![gpu(None, None)], vec![], "Running")),
+            None
+        );
+        let unbound = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [gpu(Some("2"), None)]},
+        }));
+        assert_eq!(pod_gpus(&unbound), None);
+    }
+
+    /// Other pods' GPUs count as taken for planning and in the pool status; a restarted watch
+    /// replaces the record.
+    #[test]
+    fn ledger_adds_other_pods_gpus() {
+        let l = Ledger::default();
+        assert!(l.set_pod("ml/a", Some(("n1".into(), 2))));
+        assert!(!l.set_pod("ml/a", Some(("n1".into(), 2))));
+        assert!(l.set_pod("ml/b", Some(("n2".into(), 1))));
+        assert_eq!(
+            l.used("pool", None),
+            BTreeMap::from([("n1".into(), 2), ("n2".into(), 1)])
+        );
+        assert!(l.set_pod("ml/b", None));
+        assert!(!l.set_pod("ml/b", None));
+        assert_eq!(l.used("pool", None), BTreeMap::from([("n1".into(), 2)]));
+        assert!(l.replace_pods(BTreeMap::from([("ml/c".into(), ("n3".into(), 4))])));
+        assert_eq!(l.used("pool", None), BTreeMap::from([("n3".into(), 4)]));
+    }
 
     fn node(name: &str, product: Option<&str>, gpus: &str, ready: bool) -> Arc<Node> {
         let mut labels = serde_json::Map::new();
