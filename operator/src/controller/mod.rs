@@ -30,6 +30,11 @@ pub use lease::LeaseConfig;
 pub use metrics::Metrics;
 use pool::Ledger;
 
+/// Asks the GpuPool controller to recompute every pool (what it watches is a counter).
+fn recompute_pools(trigger: &watch::Sender<u64>) {
+    trigger.send_modify(|g| *g = g.wrapping_add(1));
+}
+
 /// `namespace/name` of a pod, the key of its record in the ledger.
 fn pod_key(p: &Pod) -> String {
     format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
@@ -144,7 +149,7 @@ pub struct Context {
 impl Context {
     /// Asks the GpuPool controller to recompute every pool (allocations changed).
     pub fn pool_changed(&self) {
-        self.pool_trigger.send_modify(|g| *g = g.wrapping_add(1));
+        recompute_pools(&self.pool_trigger);
     }
 }
 
@@ -287,6 +292,51 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
     outcome
 }
 
+/// Keeps the ledger's record of the GPUs that pods WhaleFlux does not manage request (they are
+/// not free for plans), bumping `trigger` when it changes and setting `listed` once the first
+/// complete list is in.
+fn foreign_pods(
+    client: &Client,
+    ledger: Arc<Ledger>,
+    trigger: watch::Sender<u64>,
+    listed: watch::Sender<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let cfg = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by!={MANAGED_BY}"))
+        .fields("status.phase!=Succeeded,status.phase!=Failed");
+    let mut buffer = BTreeMap::new();
+    watcher(Api::<Pod>::all(client.clone()), cfg)
+        .default_backoff()
+        .for_each(move |e| {
+            let changed = match e {
+                Ok(watcher::Event::Apply(p)) => ledger.set_pod(&pod_key(&p), pool::pod_gpus(&p)),
+                Ok(watcher::Event::Delete(p)) => ledger.set_pod(&pod_key(&p), None),
+                Ok(watcher::Event::Init) => {
+                    buffer.clear();
+                    false
+                }
+                Ok(watcher::Event::InitApply(p)) => {
+                    if let Some(t) = pool::pod_gpus(&p) {
+                        buffer.insert(pod_key(&p), t);
+                    }
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    listed.send_replace(true);
+                    ledger.replace_pods(std::mem::take(&mut buffer))
+                }
+                Err(e) => {
+                    tracing::warn!("watching pods: {e}");
+                    false
+                }
+            };
+            if changed {
+                recompute_pools(&trigger);
+            }
+            future::ready(())
+        })
+}
+
 /// Both controllers, until `stop` resolves (then they finish the reconciles in flight).
 async fn controllers(
     client: Client,
@@ -310,7 +360,7 @@ async fn controllers(
             if let Err(e) = r {
                 tracing::warn!("watching nodes: {e}");
             } else {
-                tx.send_modify(|g| *g = g.wrapping_add(1));
+                recompute_pools(&tx);
             }
             future::ready(())
         })
@@ -319,48 +369,7 @@ async fn controllers(
 
     let ledger = Arc::new(Ledger::default());
     let (pods_listed_tx, mut pods_listed) = watch::channel(false);
-    // Pods WhaleFlux does not manage: the GPUs they request are not free for plans.
-    let pod_events = {
-        let tx = trigger_tx.clone();
-        let ledger = ledger.clone();
-        let cfg = watcher::Config::default()
-            .labels(&format!("app.kubernetes.io/managed-by!={MANAGED_BY}"))
-            .fields("status.phase!=Succeeded,status.phase!=Failed");
-        let mut buffer = BTreeMap::new();
-        let listed = pods_listed_tx;
-        watcher(Api::<Pod>::all(client.clone()), cfg)
-            .default_backoff()
-            .for_each(move |e| {
-                let changed = match e {
-                    Ok(watcher::Event::Apply(p)) => {
-                        ledger.set_pod(&pod_key(&p), pool::pod_gpus(&p))
-                    }
-                    Ok(watcher::Event::Delete(p)) => ledger.set_pod(&pod_key(&p), None),
-                    Ok(watcher::Event::Init) => {
-                        buffer.clear();
-                        false
-                    }
-                    Ok(watcher::Event::InitApply(p)) => {
-                        if let Some(t) = pool::pod_gpus(&p) {
-                            buffer.insert(pod_key(&p), t);
-                        }
-                        false
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        listed.send_replace(true);
-                        ledger.replace_pods(std::mem::take(&mut buffer))
-                    }
-                    Err(e) => {
-                        tracing::warn!("watching pods: {e}");
-                        false
-                    }
-                };
-                if changed {
-                    tx.send_modify(|g| *g = g.wrapping_add(1));
-                }
-                future::ready(())
-            })
-    };
+    let pod_events = foreign_pods(&client, ledger.clone(), trigger_tx.clone(), pods_listed_tx);
     let pod_task = tokio::spawn(pod_events);
     let abort = || {
         node_task.abort();

@@ -2,6 +2,15 @@
 //! `whaleflux` and worker binaries run as processes.
 #![allow(dead_code)]
 
+use std::env;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
 use k8s_openapi::jiff::Timestamp;
 use whaleflux_crds::{InterNodeNetwork, Objective, Plan, WeightDtype};
 use whaleflux_operator::planner::legality::{kv_heads_per_rank, split_layers, tp_is_legal};
@@ -35,7 +44,7 @@ pub fn gpus(spec: &str, net: InterNodeNetwork) -> Pool {
 
 /// Reads a fixture file.
 pub fn fixture(name: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -115,13 +124,13 @@ pub fn assert_legal(req: &PlanRequest, pool: &Pool, plan: &Plan, now: Timestamp)
 }
 
 /// The SmolLM2 GGUF the workers load, from `$WHALEFLUX_TEST_MODEL`.
-pub fn model() -> std::path::PathBuf {
-    let path = std::env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
+pub fn model() -> PathBuf {
+    let path = env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
         panic!(
             "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
         )
     });
-    let path = std::path::PathBuf::from(path);
+    let path = PathBuf::from(path);
     assert!(
         path.is_file(),
         "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
@@ -131,9 +140,8 @@ pub fn model() -> std::path::PathBuf {
 }
 
 /// The worker binary beside `whaleflux` (what `whaleflux run` and the kubelet start).
-pub fn worker_binary() -> std::path::PathBuf {
-    let worker =
-        std::path::Path::new(env!("CARGO_BIN_EXE_whaleflux")).with_file_name("whaleflux-worker");
+pub fn worker_binary() -> PathBuf {
+    let worker = Path::new(env!("CARGO_BIN_EXE_whaleflux")).with_file_name("whaleflux-worker");
     assert!(
         worker.is_file(),
         "{} is missing: build it with `cargo build -p whaleflux-worker` (cargo builds only the \
@@ -145,7 +153,7 @@ pub fn worker_binary() -> std::path::PathBuf {
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
@@ -153,9 +161,9 @@ pub fn free_port() -> u16 {
 
 /// `whaleflux` with the worker binary checked and no model or worker overrides from the
 /// caller's environment.
-pub fn whaleflux() -> std::process::Command {
+pub fn whaleflux() -> Command {
     worker_binary();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_whaleflux"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_whaleflux"));
     cmd.env_remove("WHALEFLUX_MODEL")
         .env_remove("WHALEFLUX_WORKER_BIN")
         .env("RUST_LOG", "info");
@@ -165,8 +173,8 @@ pub fn whaleflux() -> std::process::Command {
 /// A running `whaleflux run`: its output lines as they come, killed (with its workers, which
 /// die with it) when dropped.
 pub struct Run {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    child: Child,
+    lines: Receiver<String>,
     /// Every line read so far.
     pub seen: Vec<String>,
 }
@@ -174,13 +182,11 @@ pub struct Run {
 impl Run {
     /// Starts `whaleflux run ARGS`.
     pub fn start(args: &[&str]) -> Self {
-        Self::start_in(args, &std::env::temp_dir())
+        Self::start_in(args, &env::temp_dir())
     }
 
     /// Starts with `tmp` as TMPDIR, where `whaleflux run` keeps its run folder.
-    pub fn start_in(args: &[&str], tmp: &std::path::Path) -> Self {
-        use std::io::BufRead;
-        use std::process::Stdio;
+    pub fn start_in(args: &[&str], tmp: &Path) -> Self {
         let mut child = whaleflux()
             .arg("run")
             .args(args)
@@ -189,14 +195,14 @@ impl Run {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start whaleflux run");
-        let (tx, lines) = std::sync::mpsc::channel();
+        let (tx, lines) = mpsc::channel();
         for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
         ] {
             let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
                     eprintln!("[whaleflux run] {line}");
                     if tx.send(line).is_err() {
                         break;
@@ -213,11 +219,10 @@ impl Run {
 
     /// Waits for an output line containing every one of `parts`; panics with the output so far
     /// after `timeout` or when the output ends.
-    pub fn wait_for(&mut self, parts: &[&str], timeout: std::time::Duration) -> String {
-        use std::sync::mpsc::RecvTimeoutError;
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_for(&mut self, parts: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
@@ -247,25 +252,22 @@ impl Run {
     }
 
     /// Waits for the process to exit.
-    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 // Drain what is left so the output is complete.
-                while let Ok(line) = self
-                    .lines
-                    .recv_timeout(std::time::Duration::from_millis(200))
-                {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.seen.push(line);
                 }
                 return status;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "whaleflux run still running after {timeout:?}; output:\n{}",
                 self.seen.join("\n")
             );
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -278,7 +280,7 @@ impl Drop for Run {
 }
 
 /// A greedy completion of `prompt` from the OpenAI API at `addr`: the generated text.
-pub fn complete(addr: std::net::SocketAddr, prompt: &str, max_tokens: u32) -> String {
+pub fn complete(addr: SocketAddr, prompt: &str, max_tokens: u32) -> String {
     let body = serde_json::json!({
         "model": "smollm2-135m",
         "prompt": prompt,
@@ -291,7 +293,7 @@ pub fn complete(addr: std::net::SocketAddr, prompt: &str, max_tokens: u32) -> St
         "POST",
         "/v1/completions",
         Some(&body),
-        std::time::Duration::from_secs(120),
+        Duration::from_secs(120),
     )
     .unwrap_or_else(|e| panic!("completion request to {addr}: {e}"));
     assert_eq!(r.status, 200, "{addr}: {}", r.body);

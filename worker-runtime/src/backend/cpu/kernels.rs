@@ -74,6 +74,19 @@ pub fn vnni() -> Vnni {
     })
 }
 
+/// Calls `avx2::<flavour>::$kernel(args)` for this CPU's VNNI flavour. Callers have checked
+/// [`has_avx2`]; the flavour's extra features are what [`vnni`] detected.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_vnni {
+    ($kernel:ident $(::<$n:literal>)? ($($arg:expr),* $(,)?)) => {
+        match vnni() {
+            Vnni::Avx => avx2::vnni::$kernel$(::<$n>)?($($arg),*),
+            Vnni::Avx512 => avx2::vnni512::$kernel$(::<$n>)?($($arg),*),
+            Vnni::None => avx2::plain::$kernel$(::<$n>)?($($arg),*),
+        }
+    };
+}
+
 /// Quantize `x` (rows of `cols`, a multiple of 32) to 8-bit blocks.
 pub fn quantize_acts(x: &[f32], cols: usize) -> QuantActs {
     let blocks_total = x.len() / 32;
@@ -171,18 +184,10 @@ pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 
             match ty {
                 GgmlType::Q4_1 | GgmlType::Q4_0 => {
                     let min = ty == GgmlType::Q4_1;
-                    return match vnni() {
-                        Vnni::Avx => avx2::vnni::dot4_q4(w, qs, d, s, nb, min),
-                        Vnni::Avx512 => avx2::vnni512::dot4_q4(w, qs, d, s, nb, min),
-                        Vnni::None => avx2::plain::dot4_q4(w, qs, d, s, nb, min),
-                    };
+                    return by_vnni!(dot4_q4(w, qs, d, s, nb, min));
                 }
                 GgmlType::Q8_0 => {
-                    return match vnni() {
-                        Vnni::Avx => avx2::vnni::dot4_q8_0(w, qs, d, nb),
-                        Vnni::Avx512 => avx2::vnni512::dot4_q8_0(w, qs, d, nb),
-                        Vnni::None => avx2::plain::dot4_q8_0(w, qs, d, nb),
-                    };
+                    return by_vnni!(dot4_q8_0(w, qs, d, nb));
                 }
                 _ => {}
             }
@@ -203,21 +208,10 @@ pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f3
         let min = ty == GgmlType::Q4_1;
         // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
         let (lo, hi) = unsafe {
-            let (a, b) = ([w[0], w[1]], [w[2], w[3]]);
-            match vnni() {
-                Vnni::Avx => (
-                    avx2::vnni::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
-                    avx2::vnni::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
-                ),
-                Vnni::Avx512 => (
-                    avx2::vnni512::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
-                    avx2::vnni512::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
-                ),
-                Vnni::None => (
-                    avx2::plain::dot_rx2_q4::<2>(a, qs, d, s, nb, min),
-                    avx2::plain::dot_rx2_q4::<2>(b, qs, d, s, nb, min),
-                ),
-            }
+            (
+                by_vnni!(dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, min)),
+                by_vnni!(dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, min)),
+            )
         };
         return [
             [lo[0][0], lo[0][1], hi[0][0], hi[0][1]],
@@ -645,13 +639,8 @@ mod tests {
             if has_avx2() && ty == GgmlType::Q8_0 {
                 // SAFETY: AVX2/FMA detected; VNNI checked before use.
                 let plain = unsafe { avx2::plain::dot4_q8_0(w, &q.qs, &q.d, q.blocks) };
-                let vnni = match vnni() {
-                    Vnni::Avx => Some(unsafe { avx2::vnni::dot4_q8_0(w, &q.qs, &q.d, q.blocks) }),
-                    Vnni::Avx512 => {
-                        Some(unsafe { avx2::vnni512::dot4_q8_0(w, &q.qs, &q.d, q.blocks) })
-                    }
-                    Vnni::None => None,
-                };
+                let vnni = (vnni() != Vnni::None)
+                    .then(|| unsafe { by_vnni!(dot4_q8_0(w, &q.qs, &q.d, q.blocks)) });
                 for r in 0..4 {
                     assert!(close(plain[r], scalar(r, 0)), "Q8_0 plain [{r}]");
                     if let Some(v) = vnni {
@@ -672,21 +661,12 @@ mod tests {
                     assert!(close(plain2[1][r], scalar(r, 1)), "{ty:?} plain x2 [{r}]");
                 }
                 // SAFETY: each VNNI flavour only where detected.
-                let v = match vnni() {
-                    Vnni::Avx => Some(unsafe {
-                        (
-                            avx2::vnni::dot4_q4(w, qs, d, s, nb, min),
-                            avx2::vnni::dot_rx2_q4::<4>(w, qs, d, s, nb, min),
-                        )
-                    }),
-                    Vnni::Avx512 => Some(unsafe {
-                        (
-                            avx2::vnni512::dot4_q4(w, qs, d, s, nb, min),
-                            avx2::vnni512::dot_rx2_q4::<4>(w, qs, d, s, nb, min),
-                        )
-                    }),
-                    Vnni::None => None,
-                };
+                let v = (vnni() != Vnni::None).then(|| unsafe {
+                    (
+                        by_vnni!(dot4_q4(w, qs, d, s, nb, min)),
+                        by_vnni!(dot_rx2_q4::<4>(w, qs, d, s, nb, min)),
+                    )
+                });
                 if let Some((v, v2)) = v {
                     for r in 0..4 {
                         assert!(close(v[r], scalar(r, 0)), "{ty:?} vnni [{r}]");

@@ -183,14 +183,11 @@ fn rows_per_task(rows: usize, threads: usize) -> usize {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        if kernels::vnni() == kernels::Vnni::Avx {
-            "cpu-avx2-vnni"
-        } else if kernels::vnni() == kernels::Vnni::Avx512 {
-            "cpu-avx2-avx512vnni"
-        } else if has_avx2() {
-            "cpu-avx2"
-        } else {
-            "cpu-scalar"
+        match kernels::vnni() {
+            kernels::Vnni::Avx => "cpu-avx2-vnni",
+            kernels::Vnni::Avx512 => "cpu-avx2-avx512vnni",
+            kernels::Vnni::None if has_avx2() => "cpu-avx2",
+            kernels::Vnni::None => "cpu-scalar",
         }
     }
 
