@@ -56,7 +56,7 @@ pub fn resolve(st: &AppState, name: &str) -> Option<Vec<Ipv4Addr>> {
                             && selector.matches(p)
                             && (all || ready(p))
                     })
-                    .filter_map(ip)
+                    .filter_map(|p| ip(p))
                     .collect(),
             )
         }

@@ -153,12 +153,12 @@ fn key(resource: &str, ns: &str, name: &str) -> Key {
 fn modify(st: &AppState, k: &Key, f: impl FnOnce(&mut Value)) {
     let _ = st.store.write(k, |cur, _| -> Result<Write, ApiError> {
         let Some(cur) = cur else {
-            return Ok(Write::Unchanged(Value::Null));
+            return Ok(Write::Keep);
         };
-        let mut new = cur.clone();
+        let mut new = Value::clone(cur);
         f(&mut new);
-        Ok(if new == *cur {
-            Write::Unchanged(new)
+        Ok(if new == **cur {
+            Write::Keep
         } else {
             Write::Put(new)
         })
@@ -424,7 +424,7 @@ fn reconcile_statefulsets(st: &AppState) {
             .unwrap_or_default()
             .to_string();
         let (pods, _) = st.store.list("", "pods", Some(&k.namespace));
-        let owned: Vec<Value> = pods
+        let owned: Vec<Arc<Value>> = pods
             .into_iter()
             .map(|(_, p)| p)
             .filter(|p| {
@@ -470,7 +470,7 @@ fn reconcile_statefulsets(st: &AppState) {
                 &key("pods", &k.namespace, &pod_name),
                 |cur, _| -> Result<Write, ApiError> {
                     Ok(if cur.is_some() {
-                        Write::Unchanged(Value::Null)
+                        Write::Keep
                     } else {
                         Write::Put(pod)
                     })
@@ -489,7 +489,7 @@ fn reconcile_statefulsets(st: &AppState) {
                 );
             }
         }
-        let live: Vec<&Value> = owned
+        let live: Vec<&Arc<Value>> = owned
             .iter()
             .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
             .collect();

@@ -176,8 +176,9 @@ impl Builder {
         let gc = tokio::spawn(async move {
             let mut events = gc_state.store.subscribe();
             // Batches of changes, looking only at what they touch (so the collector's work grows
-            // with the changes, not the store), and a full pass twice a second as a safety net.
-            let mut full_pass = tokio::time::interval(Duration::from_millis(500));
+            // with the changes, not the store); a full pass when it missed changes (lagged) and
+            // every 30 s as a safety net.
+            let mut full_pass = tokio::time::interval(Duration::from_secs(30));
             loop {
                 let mut batch = Vec::new();
                 let mut full = false;
@@ -243,12 +244,36 @@ fn seed(st: &AppState) {
     let _ = info;
 }
 
+/// A minimal blocking HTTP/1.1 GET of `path` on `addr` (`host:port`), for tests and benchmarks
+/// that read the operator's or a worker's endpoints; (status, body), `None` when it fails.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
 /// A kubeconfig for the server at `addr`, authenticating as [`ADMIN_USER`].
 pub fn kubeconfig_yaml(addr: SocketAddr) -> String {
+    kubeconfig_for(addr, ADMIN_USER, ADMIN_TOKEN)
+}
+
+/// A kubeconfig for the server at `addr`, authenticating as `user` with bearer `token` (register
+/// the token with [`Builder::token`]).
+pub fn kubeconfig_for(addr: SocketAddr, user: &str, token: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: whaleflux-e2e\n  cluster:\n    server: http://{addr}\n\
-         users:\n- name: {ADMIN_USER}\n  user:\n    token: {ADMIN_TOKEN}\n\
-         contexts:\n- name: whaleflux-e2e\n  context:\n    cluster: whaleflux-e2e\n    user: {ADMIN_USER}\n    namespace: default\n\
+         users:\n- name: {user}\n  user:\n    token: {token}\n\
+         contexts:\n- name: whaleflux-e2e\n  context:\n    cluster: whaleflux-e2e\n    user: {user}\n    namespace: default\n\
          current-context: whaleflux-e2e\n"
     )
 }
@@ -307,9 +332,29 @@ impl ApiServer {
         &self.kubeconfig
     }
 
+    /// Writes a kubeconfig next to [`ApiServer::kubeconfig`] that authenticates with `token`
+    /// (registered with [`Builder::token`]) and returns its path.
+    pub fn write_kubeconfig(&self, token: &str, file: &str) -> std::io::Result<PathBuf> {
+        let user = self
+            .state
+            .tokens
+            .get(token)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        let path = self.kubeconfig.with_file_name(file);
+        std::fs::write(&path, kubeconfig_for(self.addr, &user, token))?;
+        Ok(path)
+    }
+
     /// Fault injection.
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// Fault injection, for a task that outlives this borrow (e.g. one injecting faults on a
+    /// timer).
+    pub fn faults_handle(&self) -> Arc<Faults> {
+        self.state.faults.clone()
     }
 
     /// The audit log.

@@ -39,6 +39,9 @@ pub struct PrinterColumn {
 pub struct CrdVersion {
     /// `openAPIV3Schema` as JSON.
     pub schema: Value,
+    /// The schema compiled for admission, on first use (a CRD is re-registered on every
+    /// write to it; compiling only when an object is admitted keeps that cheap).
+    pub compiled: std::sync::OnceLock<Result<Arc<crate::schema::Compiled>, String>>,
     /// `additionalPrinterColumns`.
     pub columns: Vec<PrinterColumn>,
 }
@@ -416,7 +419,11 @@ pub fn infos_from_crd(crd: &Value) -> Result<Vec<ResourceInfo>, String> {
             status: sub.get("status").is_some_and(|s| s.is_object()),
             scale,
             generation: true,
-            crd: Some(Arc::new(CrdVersion { schema, columns })),
+            crd: Some(Arc::new(CrdVersion {
+                schema,
+                columns,
+                compiled: std::sync::OnceLock::new(),
+            })),
         });
     }
     Ok(out)
@@ -452,6 +459,27 @@ impl Registry {
 
     /// Serve (or re-serve) a CRD's versions.
     pub fn register_crd(&self, infos: Vec<ResourceInfo>) {
+        // A version whose schema did not change keeps its compiled schema.
+        let infos: Vec<ResourceInfo> = infos
+            .into_iter()
+            .map(|mut i| {
+                if let (Some(old), Some(new)) = (
+                    self.get(&i.group, &i.version, &i.resource)
+                        .and_then(|o| o.crd.clone()),
+                    i.crd.as_ref(),
+                ) && old.schema == new.schema
+                    && old.columns.len() == new.columns.len()
+                {
+                    let columns = new.columns.clone();
+                    i.crd = Some(Arc::new(CrdVersion {
+                        schema: old.schema.clone(),
+                        columns,
+                        compiled: old.compiled.clone(),
+                    }));
+                }
+                i
+            })
+            .collect();
         if let Some(first) = infos.first() {
             self.unregister(&first.group, &first.resource);
         }

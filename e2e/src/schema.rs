@@ -3,7 +3,7 @@
 //! schema, then evaluate the CEL rules (`x-kubernetes-validations`), transition rules included.
 
 use jsonschema::error::ValidationErrorKind;
-use kube::core::cel::{Validator, apply_defaults};
+use kube::core::cel::{CompiledSchema, Validator, apply_defaults, compile_schema};
 use serde_json::{Map, Value, json};
 
 use crate::error::Cause;
@@ -154,6 +154,38 @@ fn lookup<'a>(obj: &'a Value, dotted: &str) -> &'a Value {
     cur
 }
 
+/// A CRD version's schema compiled once: the structural schema as JSON Schema and the CEL
+/// rules, so admitting an object costs its validation, not a compilation.
+pub struct Compiled {
+    schema: Value,
+    checker: jsonschema::Validator,
+    cel: CompiledSchema,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled").finish_non_exhaustive()
+    }
+}
+
+impl Compiled {
+    /// Compile `schema` (an `openAPIV3Schema`); the error says why it does not compile.
+    pub fn new(schema: &Value) -> Result<Self, String> {
+        let checker = jsonschema::validator_for(&to_json_schema(schema, true))
+            .map_err(|e| format!("schema does not compile: {e}"))?;
+        Ok(Self {
+            schema: schema.clone(),
+            checker,
+            cel: compile_schema(schema),
+        })
+    }
+}
+
+thread_local! {
+    /// The CEL function library, registered once per thread rather than per request.
+    static CEL: Validator = Validator::new();
+}
+
 /// Outcome of admitting a custom resource.
 #[derive(Debug)]
 pub struct Admitted {
@@ -165,11 +197,12 @@ pub struct Admitted {
 
 /// Admit a custom resource: unknown fields (error when `strict`), defaults, schema, CEL.
 pub fn admit(
-    schema: &Value,
+    compiled: &Compiled,
     object: &Value,
     old: Option<&Value>,
     strict: bool,
 ) -> Result<Admitted, Vec<Cause>> {
+    let schema = &compiled.schema;
     let mut obj = object.clone();
     let unknown = prune(&mut obj, schema);
     if strict && !unknown.is_empty() {
@@ -189,14 +222,8 @@ pub fn admit(
     let mut defaulted = apply_defaults(schema, &obj);
     // Defaulting must not touch metadata; the apiserver defaults only the schema'd body.
     defaulted["metadata"] = obj["metadata"].clone();
-    let checker = jsonschema::validator_for(&to_json_schema(schema, true)).map_err(|e| {
-        vec![Cause {
-            reason: "FieldValueInvalid",
-            field: String::new(),
-            message: format!("schema does not compile: {e}"),
-        }]
-    })?;
-    let mut causes: Vec<Cause> = checker
+    let mut causes: Vec<Cause> = compiled
+        .checker
         .iter_errors(&defaulted)
         .map(|e| {
             let field = e
@@ -257,7 +284,7 @@ pub fn admit(
         })
         .collect();
     if causes.is_empty()
-        && let Err(errs) = Validator::new().validate(schema, &defaulted, old)
+        && let Err(errs) = CEL.with(|cel| cel.validate_compiled(&compiled.cel, &defaulted, old))
     {
         causes.extend(errs.iter().map(|e| {
             let v = lookup(&defaulted, &e.field_path);
@@ -291,25 +318,26 @@ mod tests {
     #[test]
     fn defaults_prunes_and_validates() {
         let obj = json!({"apiVersion": "x/v1", "kind": "K", "metadata": {"name": "a"}, "spec": {"image": null, "bogus": 1}});
-        let ok = admit(&schema(), &obj, None, false).expect("admitted");
+        let schema = Compiled::new(&schema()).expect("compiles");
+        let ok = admit(&schema, &obj, None, false).expect("admitted");
         assert_eq!(ok.object["spec"]["replicas"], 1);
         assert_eq!(
             ok.warnings,
             vec!["unknown field \"spec.bogus\"".to_string()]
         );
         assert!(
-            admit(&schema(), &obj, None, true).is_err(),
+            admit(&schema, &obj, None, true).is_err(),
             "strict rejects unknown fields"
         );
         let bad = json!({"metadata": {"name": "a"}, "spec": {"replicas": -1}});
-        let causes = admit(&schema(), &bad, None, false).expect_err("CEL rejects");
+        let causes = admit(&schema, &bad, None, false).expect_err("CEL rejects");
         assert!(
             causes[0].message.contains("must be 0 or more"),
             "{:?}",
             causes
         );
         let wrong_type = json!({"metadata": {"name": "a"}, "spec": {"replicas": "x"}});
-        let causes = admit(&schema(), &wrong_type, None, false).expect_err("schema rejects");
+        let causes = admit(&schema, &wrong_type, None, false).expect_err("schema rejects");
         assert_eq!(causes[0].field, "spec.replicas");
         assert_eq!(
             causes[0].message,

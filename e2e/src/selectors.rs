@@ -132,6 +132,17 @@ impl LabelSelector {
             .join(",")
     }
 
+    /// The `key=value` requirements, which an index can answer.
+    pub fn equalities(&self) -> Vec<(&str, &str)> {
+        self.0
+            .iter()
+            .filter_map(|r| match r {
+                Req::Eq(k, v) => Some((k.as_str(), v.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether an object's labels satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let labels = &obj["metadata"]["labels"];
@@ -179,12 +190,12 @@ impl FieldSelector {
             for seg in path.split('.') {
                 cur = &cur[seg];
             }
-            let got = match cur {
-                Value::String(s) => s.clone(),
-                Value::Null => String::new(),
-                other => other.to_string(),
+            let same = match cur {
+                Value::String(s) => s == want,
+                Value::Null => want.is_empty(),
+                other => want.as_str() == other.to_string().as_str(),
             };
-            (got == *want) == *eq
+            same == *eq
         })
     }
 }

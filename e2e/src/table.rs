@@ -300,9 +300,9 @@ impl IncludeObject {
 }
 
 /// A `meta.k8s.io/v1` Table of `objects`.
-pub fn table(
+pub fn table<O: std::ops::Deref<Target = Value>>(
     info: &ResourceInfo,
-    objects: &[Value],
+    objects: &[O],
     include: IncludeObject,
     list_meta: Value,
 ) -> Value {
@@ -314,6 +314,7 @@ pub fn table(
     let rows: Vec<Value> = objects
         .iter()
         .map(|obj| {
+            let obj: &Value = obj;
             let cells: Vec<Value> = cols
                 .iter()
                 .map(|c| {

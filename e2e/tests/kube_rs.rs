@@ -2,6 +2,9 @@
 //! selectors, watches with bookmarks and 410 Gone, a reflector that relists after 410, a
 //! `Controller` with `owns()`, garbage collection, fault injection and the audit log.
 
+mod common;
+
+use common::{bounded, client};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +19,6 @@ use kube::api::{
     Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -25,21 +27,6 @@ use whaleflux_crds::LlmDeployment;
 use whaleflux_e2e::{ApiServer, RequestMatch};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// Every test runs under this bound so a server bug fails the test instead of hanging it.
-async fn bounded(test: impl Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(90), test)
-        .await
-        .expect("test timed out");
-}
-
-async fn client(server: &ApiServer) -> Client {
-    let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(config).expect("client")
-}
 
 /// Poll `check` every 50 ms until it returns true, failing after `LIMIT`.
 async fn eventually<F, Fut>(what: &str, mut check: F)

@@ -2,15 +2,17 @@
 //! processes with the pod's env on their own loopback IPs, probed, restarted, and reported
 //! through pod status, readiness gates included.
 
+mod common;
+
+use common::{bounded, client};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use whaleflux_e2e::{ApiServer, KubeletConfig, NodeSpec};
 
@@ -61,20 +63,6 @@ async fn lookup(dns: std::net::SocketAddr, name: &str) -> Option<Vec<std::net::I
             })
             .collect(),
     )
-}
-
-async fn bounded(test: impl Future<Output = ()>) {
-    tokio::time::timeout(Duration::from_secs(120), test)
-        .await
-        .expect("test timed out");
-}
-
-async fn client(server: &ApiServer) -> Client {
-    let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(config).expect("client")
 }
 
 async fn eventually<F, Fut>(what: &str, mut check: F)

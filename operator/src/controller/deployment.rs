@@ -13,19 +13,23 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use whaleflux_crds::{GpuPool, LlmDeployment, LlmDeploymentStatus, Phase, Plan};
 
+use super::events::Severity;
 use super::pool::condition;
 use super::{Context, Error};
 use crate::planner::{self, PlanRequest, Pool};
 use crate::resources::children::{
     self, CONFIG_HASH_ANNOTATION, Children, FIELD_MANAGER, GROUP_LABEL, MANAGED_BY, SECRET_KEY,
 };
+
+/// Rejected options kept in `status.plan.rejected`.
+pub const STATUS_REJECTED: usize = 8;
 
 /// Finalizer the operator puts on every LlmDeployment.
 pub const FINALIZER: &str = "whaleflux.io/cleanup";
@@ -66,18 +70,16 @@ pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn publish(ctx: &Context, d: &LlmDeployment, warning: bool, reason: &str, note: String) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
+    let severity = if warning {
+        Severity::Warning
+    } else {
+        Severity::Normal
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &d.object_ref(&())).await {
+    if let Err(e) = ctx
+        .events
+        .publish(&d.object_ref(&()), severity, reason, &note)
+        .await
+    {
         tracing::warn!(deployment = %key(d), "publishing event {reason}: {e}");
     }
 }
@@ -102,6 +104,14 @@ where
 
 fn condition_of<'a>(status: Option<&'a LlmDeploymentStatus>, t: &str) -> Option<&'a Condition> {
     status.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+}
+
+/// Whether `d`'s status holds a plan chosen for its current generation (the watch cache has
+/// caught up with the plan this process chose).
+pub fn planned_at_generation(d: &LlmDeployment) -> bool {
+    d.status.as_ref().is_some_and(|s| s.plan.is_some())
+        && condition_of(d.status.as_ref(), "Planned")
+            .is_some_and(|c| c.status == "True" && c.observed_generation == d.metadata.generation)
 }
 
 /// What one existing replica group looks like.
@@ -163,9 +173,14 @@ fn needs_plan(d: &LlmDeployment, pool: &GpuPool, now: Timestamp) -> bool {
 
 /// Whether a pool change can matter to `d` (the pool controller's mapper asks this so a busy
 /// pool does not wake every deployment on it).
+///
+/// Only deployments that wait on the pool count: those that could not be planned on it, and
+/// those whose plan uses a node the pool no longer offers. A deployment not reconciled yet
+/// (no status) is woken by its own creation, not by every pool update.
 pub fn pool_change_matters(d: &LlmDeployment, pool: &GpuPool) -> bool {
     d.spec.gpu_pool == pool.name_any()
-        && (d.metadata.deletion_timestamp.is_none())
+        && d.metadata.deletion_timestamp.is_none()
+        && d.status.is_some()
         && needs_plan(d, pool, Timestamp::now())
 }
 
@@ -224,9 +239,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
     }
     // Our own status write may not be in the watch cache yet: reuse the plan this process
     // chose for this generation rather than planning and announcing it twice.
-    let stale = current.is_none()
-        || condition_of(d.status.as_ref(), "Planned")
-            .is_none_or(|c| c.status != "True" || c.observed_generation != d.metadata.generation);
+    let stale = !planned_at_generation(d);
     if stale && let Some(plan) = ctx.ledger.recent(&k, d.metadata.generation) {
         let mut fresh = d.clone();
         let status = fresh.status.get_or_insert_with(Default::default);
@@ -264,7 +277,12 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
         };
     }
     let request = match PlanRequest::from_spec(&d.spec) {
-        Ok(r) => r,
+        Ok(mut r) => {
+            // A status is read by people and stored per object: the most relevant rejected
+            // options, not every one (`whaleflux plan -o json` lists them all).
+            r.settings.max_rejected = STATUS_REJECTED;
+            r
+        }
         Err(e) => {
             ctx.metrics
                 .plans
@@ -280,13 +298,11 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
     // hold. Planning and recording happen under one lock so concurrent reconciles never hand
     // out the same GPUs twice.
     let outcome = ctx.ledger.plan_and_record(pool_name, &k, |used| {
-        let mut gpool = (*pool).clone();
-        if let Some(status) = gpool.status.as_mut() {
-            for n in &mut status.nodes {
-                n.allocatable = (n.gpu_count - used.get(&n.name).copied().unwrap_or(0)).max(0);
-            }
+        let mut view = Pool::from_gpu_pool(&pool);
+        for n in &mut view.nodes {
+            n.allocatable = (n.gpu_count - used.get(&n.name).copied().unwrap_or(0)).max(0);
         }
-        planner::plan(&request, &Pool::from_gpu_pool(&gpool), now)
+        planner::plan(&request, &view, now)
     });
     match outcome {
         Ok((plan, changed)) => {
@@ -328,16 +344,17 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
     }
 }
 
-async fn group_secret(api: &Api<Secret>, name: &str) -> Result<String, Error> {
+/// The deployment's group secret, and whether it is already stored.
+async fn group_secret(api: &Api<Secret>, name: &str) -> Result<(String, bool), Error> {
     if let Some(s) = api.get_opt(&children::secret_name(name)).await?
         && let Some(v) = s.data.as_ref().and_then(|d| d.get(SECRET_KEY))
         && !v.0.is_empty()
     {
-        return Ok(String::from_utf8_lossy(&v.0).into_owned());
+        return Ok((String::from_utf8_lossy(&v.0).into_owned(), true));
     }
     // 32 random bytes, hex: generated here at the IO edge, once per deployment.
     let bytes: [u8; 32] = rand::random();
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok((bytes.iter().map(|b| format!("{b:02x}")).collect(), false))
 }
 
 async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
@@ -348,26 +365,19 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
     let planned = choose_plan(&d, ctx, now).await;
     let client = ctx.client.clone();
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let selector = format!(
-        "{},app.kubernetes.io/managed-by={MANAGED_BY}",
-        children::worker_selector_string(&name)
-    );
-    let existing: BTreeMap<i32, (StatefulSet, GroupState)> = sts_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| group_state(&s).map(|g| (g.index, (s, g))))
-        .collect();
+    let existing = existing_groups(ctx, &d, &ns, &k);
 
     let mut groups: Vec<GroupState> = Vec::new();
     let mut rolling = false;
     let mut created_now = false;
     if let (true, Some(plan)) = (planned.condition.0, planned.plan.as_ref()) {
         let secret_api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-        let secret = group_secret(&secret_api, &name).await?;
+        let (secret, exists) = group_secret(&secret_api, &name).await?;
         let built: Children = children::build(&d, plan, &secret)?;
-        ssa(&secret_api, &built.secret).await?;
+        // The secret is written once: its value must not change under running groups.
+        if !exists {
+            ssa(&secret_api, &built.secret).await?;
+        }
         let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
         let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
@@ -479,13 +489,50 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
         super::apply_status(&api, &name, &status).await?;
         tracing::debug!(deployment = %k, phase = ?status.phase, ready, "status updated");
     }
+    // Progress arrives as events (the groups' StatefulSets, the pool), so no polling while
+    // groups start; the requeues are safety nets.
     Ok(if !planned.condition.0 {
         Action::requeue(Duration::from_secs(30))
-    } else if ready < d.spec.replicas || rolling {
-        Action::requeue(Duration::from_secs(10))
+    } else if rolling {
+        Action::requeue(Duration::from_secs(60))
     } else {
         Action::requeue(Duration::from_secs(300))
     })
+}
+
+/// The deployment's groups as the StatefulSet cache has them (the same watch that wakes this
+/// reconcile when a group's pods change), looked up by name: the groups the spec asks for and
+/// those the index knows of (scaled away, not deleted yet).
+fn existing_groups(
+    ctx: &Context,
+    d: &LlmDeployment,
+    ns: &str,
+    key: &str,
+) -> BTreeMap<i32, (Arc<StatefulSet>, GroupState)> {
+    let name = d.name_any();
+    let want = children::worker_selector(&name);
+    let mut indices: Vec<i32> = (0..d.spec.replicas.max(0)).collect();
+    indices.extend(ctx.groups.indices(key));
+    indices.sort_unstable();
+    indices.dedup();
+    let mut out = BTreeMap::new();
+    for i in indices {
+        let sts_ref = ObjectRef::new(&children::group_name(&name, i)).within(ns);
+        let found = ctx.statefulsets.get(&sts_ref).filter(|s| {
+            s.labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                == Some(MANAGED_BY)
+                && want.iter().all(|(k, v)| s.labels().get(k) == Some(v))
+        });
+        match found.and_then(|s| group_state(&s).map(|g| (s, g))) {
+            Some((s, g)) if g.index == i => {
+                out.insert(i, (s, g));
+            }
+            _ => ctx.groups.forget(key, i),
+        }
+    }
+    out
 }
 
 fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), Error> {

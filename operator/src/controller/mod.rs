@@ -2,8 +2,11 @@
 //! leader Lease, with metrics and health endpoints. This is the IO shell around the pure
 //! planner and resource builders.
 
+pub mod cache;
 pub mod deployment;
+pub mod events;
 pub mod lease;
+pub mod ledger;
 pub mod metrics;
 pub mod pool;
 
@@ -11,24 +14,25 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt, future, stream};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::utils::Predicate;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use whaleflux_crds::{GpuPool, LlmDeployment};
 
 use crate::resources::children::{BuildError, FIELD_MANAGER, MANAGED_BY};
+use cache::{GroupIndex, trim, trim_node, trim_statefulset};
 pub use lease::LeaseConfig;
+use ledger::Ledger;
 pub use metrics::Metrics;
-use pool::Ledger;
 
 /// Asks the GpuPool controller to recompute every pool (what it watches is a counter).
 fn recompute_pools(trigger: &watch::Sender<u64>) {
@@ -130,8 +134,8 @@ impl Backoff {
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Event recorder (events.k8s.io).
-    pub recorder: Recorder,
+    /// Events (events.k8s.io).
+    pub events: events::Publisher,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// GPUs WhaleFlux plans and other pods take.
@@ -140,6 +144,12 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Every GpuPool (the GpuPool controller's reflector).
     pub pools: Store<GpuPool>,
+    /// The StatefulSets of every replica group (trimmed: no pod spec, no managed fields).
+    pub statefulsets: Store<StatefulSet>,
+    /// Which group numbers each deployment's StatefulSets have (to look them up by name).
+    pub groups: Arc<GroupIndex>,
+    /// When each pool's status was last written, so allocation changes are coalesced.
+    pub pool_writes: Mutex<HashMap<String, Instant>>,
     /// Per-object backoff.
     pub backoff: Backoff,
     /// Bumped when nodes or allocations change: the pool controller recomputes every pool.
@@ -337,6 +347,26 @@ fn foreign_pods(
         })
 }
 
+/// Records every LlmDeployment's plan in the ledger; returns how many deployments there are.
+async fn rebuild_ledger(client: &Client, ledger: &Ledger) -> Result<usize, kube::Error> {
+    let all: Api<LlmDeployment> = Api::all(client.clone());
+    let mut params = kube::api::ListParams::default().limit(500);
+    let mut count = 0;
+    loop {
+        let page = all.list(&params).await?;
+        count += page.items.len();
+        for d in &page.items {
+            if let Some(plan) = d.status.as_ref().and_then(|s| s.plan.as_ref()) {
+                ledger.set(&d.spec.gpu_pool, &deployment::key(d), plan);
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(count),
+        }
+    }
+}
+
 /// Both controllers, until `stop` resolves (then they finish the reconciles in flight).
 async fn controllers(
     client: Client,
@@ -350,20 +380,19 @@ async fn controllers(
     let (trigger_tx, trigger_rx) = watch::channel(0u64);
     let node_events = {
         let tx = trigger_tx.clone();
-        reflector::reflector(
-            node_writer,
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff()
-        .touched_objects()
-        .for_each(move |r| {
-            if let Err(e) = r {
-                tracing::warn!("watching nodes: {e}");
-            } else {
-                recompute_pools(&tx);
-            }
-            future::ready(())
-        })
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(trim_node)
+            .reflect(node_writer)
+            .touched_objects()
+            .for_each(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!("watching nodes: {e}");
+                } else {
+                    recompute_pools(&tx);
+                }
+                future::ready(())
+            })
     };
     let node_task = tokio::spawn(node_events);
 
@@ -386,35 +415,46 @@ async fn controllers(
             .concurrency(concurrency),
     );
     let pools = pool_ctrl.store();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "whaleflux-operator".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "whaleflux-operator".into());
+    let events = events::Publisher::new(client.clone(), "whaleflux-operator", &instance);
+    // The groups' StatefulSets: one trimmed cache that both triggers reconciles (a group's
+    // pods became ready, a StatefulSet was deleted) and answers what groups exist.
+    let (sts_reader, sts_writer) = reflector::store::<StatefulSet>();
+    let groups = Arc::new(GroupIndex::default());
+    let index = groups.clone();
+    let sts_stream = watcher(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+    )
+    .default_backoff()
+    .modify(trim_statefulset)
+    .reflect(sts_writer)
+    .inspect(move |e| {
+        if let Ok(e) = e {
+            index.seen(e);
+        }
+    })
+    .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder,
+        events,
         metrics,
         ledger,
         nodes: node_reader.clone(),
         pools: pools.clone(),
+        statefulsets: sts_reader,
+        groups,
+        pool_writes: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
         pool_trigger: trigger_tx,
     });
 
-    // Rebuild the ledger from the plans the API server holds before planning anything new.
-    let all: Api<LlmDeployment> = Api::all(client.clone());
+    // Rebuild the ledger from the plans the API server holds before planning anything new
+    // (in pages, so a large cluster is never held in memory at once).
     loop {
-        match all.list(&Default::default()).await {
-            Ok(list) => {
-                for d in &list.items {
-                    if let Some(plan) = d.status.as_ref().and_then(|s| s.plan.as_ref()) {
-                        ctx.ledger.set(&d.spec.gpu_pool, &deployment::key(d), plan);
-                    }
-                }
-                tracing::info!(deployments = list.items.len(), "allocation ledger rebuilt");
+        match rebuild_ledger(&client, &ctx.ledger).await {
+            Ok(n) => {
+                tracing::info!(deployments = n, "allocation ledger rebuilt");
                 break;
             }
             Err(e) => {
@@ -450,17 +490,36 @@ async fn controllers(
         )
         .for_each(|_| future::ready(()));
 
-    let llmd_ctrl = Controller::new(
+    let (llmd_reader, llmd_writer) = reflector::store::<LlmDeployment>();
+    let llmd_stream = watcher(
         Api::<LlmDeployment>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(controller::Config::default().concurrency(concurrency));
-    let llmds = llmd_ctrl.store();
-    let llmd_run = llmd_ctrl
-        .owns(
-            Api::<StatefulSet>::all(client.clone()),
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=whaleflux-operator"),
-        )
+    .default_backoff()
+    .modify(trim)
+    .reflect(llmd_writer)
+    .applied_objects()
+    // The plan this process chose is remembered until the watch shows it in the status.
+    .inspect({
+        let ledger = ctx.ledger.clone();
+        move |d| {
+            if let Ok(d) = d
+                && deployment::planned_at_generation(d)
+            {
+                ledger.forget_recent(&deployment::key(d));
+            }
+        }
+    })
+    // Reconcile on what the user changed (spec: generation; deletion and finalizers), not on
+    // the operator's own status writes; groups and pools wake it through their own watches.
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        Default::default(),
+    );
+    let llmds = llmd_reader.clone();
+    let llmd_run = Controller::for_stream(llmd_stream, llmd_reader)
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .owns_stream(sts_stream)
         .watches(
             Api::<GpuPool>::all(client.clone()),
             watcher::Config::default(),

@@ -3,7 +3,7 @@
 //! and the clock.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
@@ -25,161 +25,6 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const NVLINK_DOMAIN_LABELS: &[&str] = &["nvidia.com/gpu.clique", "whaleflux.io/nvlink-domain"];
 /// Node annotation (RFC 3339 time) keeping the node out of plans until then.
 pub const QUARANTINE_ANNOTATION: &str = "whaleflux.io/quarantined-until";
-
-/// GPUs taken on each node: those WhaleFlux plans hold, per pool and deployment, and those other
-/// pods bound to the node request. It is the one record both controllers share, so two
-/// deployments are never planned onto the same GPUs nor onto GPUs another workload uses. The
-/// plans are rebuilt from every LlmDeployment's `status.plan` when the operator starts; the pods
-/// come from a watch.
-#[derive(Debug, Default)]
-pub struct Ledger {
-    inner: Mutex<Book>,
-    /// Pods not managed by WhaleFlux that request GPUs: namespace/name → (node, GPUs).
-    pods: Mutex<BTreeMap<String, (String, i32)>>,
-    /// The plan last chosen per deployment and the generation it was chosen for: a reconcile
-    /// that runs before our own status write reaches the watch cache reuses it instead of
-    /// planning (and announcing) again.
-    recent: Mutex<BTreeMap<String, (Option<i64>, whaleflux_crds::Plan)>>,
-}
-
-impl Ledger {
-    /// Plans under the lock: `plan` gets the GPUs others hold on `pool` per node; what it returns
-    /// is recorded for `key` before anyone else can plan. Returns the plan and whether the
-    /// record changed.
-    pub fn plan_and_record<E>(
-        &self,
-        pool: &str,
-        key: &str,
-        plan: impl FnOnce(&BTreeMap<String, i32>) -> Result<whaleflux_crds::Plan, E>,
-    ) -> Result<(whaleflux_crds::Plan, bool), E> {
-        let mut inner = self.lock();
-        let mut used = used_in(&inner, pool, Some(key));
-        self.add_pods(&mut used);
-        let p = plan(&used)?;
-        let changed = set_in(&mut inner, pool, key, &p);
-        Ok((p, changed))
-    }
-
-    /// Records `plan` as what deployment `key` holds on `pool` (replacing what it held
-    /// anywhere); true when that changed the record.
-    pub fn set(&self, pool: &str, key: &str, plan: &whaleflux_crds::Plan) -> bool {
-        set_in(&mut self.lock(), pool, key, plan)
-    }
-
-    /// Remembers `plan` as chosen for `key` at `generation`.
-    pub fn remember(&self, key: &str, generation: Option<i64>, plan: &whaleflux_crds::Plan) {
-        self.recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_string(), (generation, plan.clone()));
-    }
-
-    /// The plan chosen for `key` at `generation`, if this process chose one.
-    pub fn recent(&self, key: &str, generation: Option<i64>) -> Option<whaleflux_crds::Plan> {
-        self.recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, p)| p.clone())
-    }
-
-    /// Forgets what deployment `key` held (it is gone).
-    pub fn remove(&self, key: &str) -> bool {
-        self.recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        let mut inner = self.lock();
-        inner
-            .values_mut()
-            .map(|d| usize::from(d.remove(key).is_some()))
-            .sum::<usize>()
-            > 0
-    }
-
-    /// GPUs taken on each node of `pool`: by plans other than deployment `except`'s, and by
-    /// other pods.
-    pub fn used(&self, pool: &str, except: Option<&str>) -> BTreeMap<String, i32> {
-        let mut used = used_in(&self.lock(), pool, except);
-        self.add_pods(&mut used);
-        used
-    }
-
-    /// Records what pod `key` (namespace/name) takes: `Some((node, gpus))`, or `None` when it
-    /// takes nothing (gone, finished, unbound, no GPUs). True when that changed the record.
-    pub fn set_pod(&self, key: &str, takes: Option<(String, i32)>) -> bool {
-        let mut pods = self.lock_pods();
-        match takes {
-            Some(t) => pods.insert(key.to_string(), t.clone()) != Some(t),
-            None => pods.remove(key).is_some(),
-        }
-    }
-
-    /// Replaces every pod record (a watch that started over); true when that changed it.
-    pub fn replace_pods(&self, all: BTreeMap<String, (String, i32)>) -> bool {
-        let mut pods = self.lock_pods();
-        let changed = *pods != all;
-        *pods = all;
-        changed
-    }
-
-    fn add_pods(&self, used: &mut BTreeMap<String, i32>) {
-        for (node, gpus) in self.lock_pods().values() {
-            *used.entry(node.clone()).or_default() += gpus;
-        }
-    }
-
-    fn lock_pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, i32)>> {
-        self.pods.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
-        // A panic while holding the lock leaves plain data behind; keep using it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// pool → (namespace/name) → node → GPUs.
-type Book = BTreeMap<String, BTreeMap<String, BTreeMap<String, i32>>>;
-
-fn used_in(inner: &Book, pool: &str, except: Option<&str>) -> BTreeMap<String, i32> {
-    let mut out: BTreeMap<String, i32> = BTreeMap::new();
-    for (key, held) in inner.get(pool).into_iter().flatten() {
-        if Some(key.as_str()) == except {
-            continue;
-        }
-        for (node, gpus) in held {
-            *out.entry(node.clone()).or_default() += gpus;
-        }
-    }
-    out
-}
-
-fn set_in(inner: &mut Book, pool: &str, key: &str, plan: &whaleflux_crds::Plan) -> bool {
-    let mut held: BTreeMap<String, i32> = BTreeMap::new();
-    let groups: Vec<Vec<String>> = if plan.groups.is_empty() {
-        vec![plan.stages.iter().map(|s| s.node.clone()).collect()]
-    } else {
-        plan.groups.iter().map(|g| g.nodes.clone()).collect()
-    };
-    for nodes in groups.iter().take(plan.replicas.max(0) as usize) {
-        for n in nodes {
-            *held.entry(n.clone()).or_default() += plan.tensor_parallel.max(1);
-        }
-    }
-    if inner.get(pool).and_then(|d| d.get(key)) == Some(&held) {
-        return false;
-    }
-    for deployments in inner.values_mut() {
-        deployments.remove(key);
-    }
-    inner
-        .entry(pool.to_string())
-        .or_default()
-        .insert(key.to_string(), held);
-    true
-}
 
 fn node_ready(node: &Node) -> bool {
     node.status
@@ -465,6 +310,18 @@ pub fn condition(
     }
 }
 
+/// Shortest time between two status writes of one pool.
+pub const POOL_WRITE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long to wait before pool `name`'s status may be written again, if at all.
+fn write_wait(ctx: &Context, name: &str) -> Option<Duration> {
+    let writes = ctx.pool_writes.lock().unwrap_or_else(|e| e.into_inner());
+    let since = writes.get(name)?.elapsed();
+    POOL_WRITE_INTERVAL
+        .checked_sub(since)
+        .filter(|d| !d.is_zero())
+}
+
 /// Reconciles one GpuPool: recompute its status and write it when it changed.
 pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -477,8 +334,18 @@ pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, 
     let status = pool_status(&pool, &nodes, &used, now);
     let result = async {
         if pool.status.as_ref() != Some(&status) {
+            // A busy pool changes with every plan; its status (one entry per node) is written
+            // at most once per interval, carrying every change since. Plans read the ledger,
+            // not this status, so coalescing never hands out GPUs twice.
+            if let Some(wait) = write_wait(ctx.as_ref(), &name) {
+                return Ok(Action::requeue(wait));
+            }
             let api: Api<GpuPool> = Api::all(ctx.client.clone());
             super::apply_status(&api, &name, &status).await?;
+            ctx.pool_writes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), Instant::now());
             tracing::info!(pool = %name, nodes = status.total_nodes, gpus = status.total_gpus, healthy = status.healthy_gpus, "pool status updated");
         }
         ctx.backoff.reset(&format!("gpupool/{name}"));
@@ -570,23 +437,6 @@ mod tests {
 
     /// Other pods' GPUs count as taken for planning and in the pool status; a restarted watch
     /// replaces the record.
-    #[test]
-    fn ledger_adds_other_pods_gpus() {
-        let l = Ledger::default();
-        assert!(l.set_pod("ml/a", Some(("n1".into(), 2))));
-        assert!(!l.set_pod("ml/a", Some(("n1".into(), 2))));
-        assert!(l.set_pod("ml/b", Some(("n2".into(), 1))));
-        assert_eq!(
-            l.used("pool", None),
-            BTreeMap::from([("n1".into(), 2), ("n2".into(), 1)])
-        );
-        assert!(l.set_pod("ml/b", None));
-        assert!(!l.set_pod("ml/b", None));
-        assert_eq!(l.used("pool", None), BTreeMap::from([("n1".into(), 2)]));
-        assert!(l.replace_pods(BTreeMap::from([("ml/c".into(), ("n3".into(), 4))])));
-        assert_eq!(l.used("pool", None), BTreeMap::from([("n3".into(), 4)]));
-    }
-
     fn node(name: &str, product: Option<&str>, gpus: &str, ready: bool) -> Arc<Node> {
         let mut labels = serde_json::Map::new();
         labels.insert("pool".into(), "a".into());
@@ -707,38 +557,5 @@ mod tests {
         let later: Timestamp = "2026-06-01T02:00:00Z".parse().expect("time");
         let second = pool_status(&p, &nodes, &BTreeMap::new(), later);
         assert_eq!(first, second, "same input, same status: no write");
-    }
-
-    #[test]
-    fn ledger_records_plans_and_releases_them() {
-        let plan: whaleflux_crds::Plan = serde_json::from_value(serde_json::json!({
-            "model": "m", "dtype": "bf16", "gpuModel": "H100", "objective": "MinGpus",
-            "tensorParallel": 2, "pipelineParallel": 2, "replicas": 2, "gpusPerReplica": 4,
-            "crossesNodes": false,
-            "stages": [{"index": 0, "layers": [0, 5], "node": "a", "gpus": 2},
-                       {"index": 1, "layers": [5, 10], "node": "b", "gpus": 2}],
-            "groups": [{"index": 0, "nodes": ["a", "b"]}, {"index": 1, "nodes": ["a", "a"]}],
-            "memoryPerGpuBytes": {"weights": 0, "kvCache": 0, "activations": 0, "overhead": 0, "total": 0, "usable": 0},
-            "estimate": {"timePerTokenMs": 1.0, "decodeTokensPerSecond": 1.0, "concurrency": 1}
-        }))
-        .expect("plan");
-        let l = Ledger::default();
-        assert!(l.set("p", "ns/x", &plan));
-        assert!(!l.set("p", "ns/x", &plan), "same plan, no change");
-        assert_eq!(
-            l.used("p", None),
-            BTreeMap::from([("a".to_string(), 6), ("b".to_string(), 2)])
-        );
-        assert!(l.used("p", Some("ns/x")).is_empty());
-        let (_, changed) = l
-            .plan_and_record("p", "ns/y", |used| {
-                assert_eq!(used.get("a"), Some(&6), "y sees x's GPUs");
-                Ok::<_, ()>(plan.clone())
-            })
-            .expect("plan");
-        assert!(changed);
-        assert!(l.remove("ns/x"));
-        assert!(!l.remove("ns/x"));
-        assert_eq!(l.used("p", None).get("a"), Some(&6));
     }
 }

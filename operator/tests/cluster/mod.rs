@@ -15,6 +15,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource, ResourceExt};
+pub use whaleflux_e2e::http_get;
 use whaleflux_e2e::{ApiServer, Kubelet, KubeletConfig, NodeSpec};
 
 use crate::common::{free_port, model, worker_binary};
@@ -93,16 +94,9 @@ impl Cluster {
             .expect("kubeconfig folder")
             .to_path_buf();
         let kc = |token: &str, file: &str| {
-            let text = format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n\
-                 users:\n- name: operator\n  user:\n    token: {token}\n\
-                 contexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: operator\n    namespace: default\n\
-                 current-context: e2e\n",
-                server.url()
-            );
-            let path = dir.join(file);
-            std::fs::write(&path, text).expect("operator kubeconfig");
-            path
+            server
+                .write_kubeconfig(token, file)
+                .expect("operator kubeconfig")
         };
         let operator_kubeconfig = kc(OPERATOR_TOKEN, "operator-kubeconfig");
         let operator_b_kubeconfig = kc(OPERATOR_B_TOKEN, "operator-b-kubeconfig");
@@ -295,23 +289,6 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A minimal HTTP/1.1 GET; (status, body).
-pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
 }
 
 impl Cluster {

@@ -1,0 +1,25 @@
+//! What the e2e test files share: a bound on every test and a kube-rs client for a server.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use whaleflux_e2e::ApiServer;
+
+/// Every test runs under this bound so a server bug fails the test instead of hanging it.
+pub async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(120), test)
+        .await
+        .expect("test timed out");
+}
+
+/// A kube-rs client authenticated as the server's admin.
+pub async fn client(server: &ApiServer) -> Client {
+    let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig parses");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(config).expect("client")
+}
