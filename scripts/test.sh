@@ -29,8 +29,5 @@ cargo fmt --all --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "doc tests"
-cargo test --workspace --doc --locked --quiet
-
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -120,6 +120,11 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 fn committed_crds_match_the_generated_ones() {
     let dir = repo_root().join("crds/manifests");
     let update = std::env::var_os("UPDATE_CRDS").is_some();
+    assert!(
+        !(update && std::env::var_os("CI").is_some()),
+        "UPDATE_CRDS is set while CI is: refusing to rewrite crds/manifests (CI must compare, \
+         never overwrite)"
+    );
     for m in manifests::crds().expect("CRDs render") {
         let path = dir.join(m.file);
         if update {

@@ -244,6 +244,65 @@ fn seed(st: &AppState) {
     let _ = info;
 }
 
+/// Runs `cmd` to completion like `Command::output`, feeding it `stdin`, and panics (after
+/// killing it) when it runs longer than `limit`: a hung child fails the test instead of hanging
+/// the suite. Output is drained while it runs, so a chatty child never blocks on a full pipe.
+pub fn output_within(
+    cmd: &mut std::process::Command,
+    stdin: Option<&str>,
+    limit: Duration,
+) -> std::process::Output {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?} does not start: {e}"));
+    if let (Some(input), Some(mut s)) = (stdin, child.stdin.take()) {
+        let input = input.to_string();
+        std::thread::spawn(move || {
+            let _ = s.write_all(input.as_bytes());
+        });
+    }
+    fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    }
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} ran longer than {limit:?}");
+            }
+        }
+    };
+    let joined = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    std::process::Output {
+        status,
+        stdout: joined(out),
+        stderr: joined(err),
+    }
+}
+
 /// A minimal blocking HTTP/1.1 GET of `path` on `addr` (`host:port`), for tests and benchmarks
 /// that read the operator's or a worker's endpoints; (status, body), `None` when it fails.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {

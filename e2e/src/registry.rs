@@ -137,6 +137,15 @@ impl ResourceInfo {
                 "kind": "Pod",
                 "verbs": ["get"],
             }));
+            out.push(json!({
+                "name": "pods/eviction",
+                "singularName": "",
+                "namespaced": true,
+                "group": "policy",
+                "version": "v1",
+                "kind": "Eviction",
+                "verbs": ["create"],
+            }));
         }
         if self.scale.is_some() {
             out.push(json!({
@@ -170,6 +179,7 @@ impl ResourceInfo {
         }
         if self.group.is_empty() && self.resource == "pods" {
             subresources.push(json!({"subresource": "log", "responseKind": kind("", "", "Pod"), "verbs": ["get"]}));
+            subresources.push(json!({"subresource": "eviction", "responseKind": kind("policy", "v1", "Eviction"), "verbs": ["create"]}));
         }
         let mut entry = json!({
             "resource": self.resource,

@@ -630,7 +630,24 @@ async fn foreground_deletion_waits_for_dependents_and_orphan_keeps_them_inner() 
     api.delete("owner2", &DeleteParams::orphan())
         .await
         .expect("delete");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The collector must have had its chance at `kept`: a sentinel owned object deleted after
+    // the orphaning is collected, so every change before it was looked at.
+    let sentinel = api
+        .create(&PostParams::default(), &cm("sentinel-owner", &[]))
+        .await
+        .expect("sentinel owner");
+    let mut dep = cm("sentinel-dep", &[]);
+    dep.metadata.owner_references = Some(vec![owner_ref(&sentinel)]);
+    api.create(&PostParams::default(), &dep)
+        .await
+        .expect("sentinel dependent");
+    api.delete("sentinel-owner", &DeleteParams::background())
+        .await
+        .expect("delete sentinel");
+    eventually("the sentinel's dependent to be collected", || async {
+        api.get_opt("sentinel-dep").await.expect("get").is_none()
+    })
+    .await;
     let orphan = api.get("kept").await.expect("orphaned dependents stay");
     assert!(orphan.owner_references().is_empty());
 }
@@ -1189,4 +1206,82 @@ async fn discovery_inner() {
         subs.iter().any(|s| s.ends_with("status")) && subs.iter().any(|s| s.ends_with("scale")),
         "{subs:?}"
     );
+}
+
+#[tokio::test]
+async fn evictions_respect_the_pod_disruption_budget() {
+    bounded(evictions_inner()).await;
+}
+
+async fn evictions_inner() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::EvictParams;
+    let server = ApiServer::start().await.expect("server starts");
+    let client = common::client_without_retries(&server).await;
+    let labels = json!({"app": "w"});
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    pdbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "w"},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}))
+        .expect("pdb"),
+    )
+    .await
+    .expect("pdb created");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for g in ["a", "b"] {
+        let sts = sets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": g},
+                    "spec": {"replicas": 1, "serviceName": g, "selector": {"matchLabels": labels},
+                        "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}))
+                .expect("sts"),
+            )
+            .await
+            .expect("sts created");
+        let mut pod: Pod = serde_json::from_value(
+            json!({"metadata": {"name": format!("{g}-0"), "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+        )
+        .expect("pod");
+        pod.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "StatefulSet".into(),
+            name: g.into(),
+            uid: sts.uid().expect("uid"),
+            controller: Some(true),
+            ..OwnerReference::default()
+        }]);
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+        pods.patch_status(
+            &format!("{g}-0"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .expect("ready");
+    }
+    pods.evict("a-0", &EvictParams::default())
+        .await
+        .expect("one disruption is allowed");
+    assert!(pods.get_opt("a-0").await.expect("get").is_none(), "evicted");
+    // a-0 is gone and not replaced yet: its StatefulSet still expects it, so b-0 must stay.
+    match pods.evict("b-0", &EvictParams::default()).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(
+                (e.code, e.reason.as_str()),
+                (429, "TooManyRequests"),
+                "{e:?}"
+            );
+            assert!(e.message.contains("disruption budget"), "{e:?}");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert!(pods.get_opt("b-0").await.expect("get").is_some());
 }

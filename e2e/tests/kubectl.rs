@@ -379,9 +379,15 @@ async fn delete_waits_for_finalizers() {
 #[tokio::test]
 async fn wait_for_condition_ready_set_through_the_status_subresource() {
     bounded(async {
-        let (_server, k) = with_examples().await;
+        let (server, k) = with_examples().await;
         let waiter = k.command(&["wait", "--for=condition=Ready", "llmd/smollm2", "--timeout=40s"]).spawn().expect("kubectl wait");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Patch only once kubectl is watching (its watch is in the audit log), so the test
+        // covers a condition arriving through the watch, not only the initial read.
+        let deadline = tokio::time::Instant::now() + STEP;
+        while !server.audit().events().iter().any(|e| e.verb == "watch" && e.resource == "llmdeployments") {
+            assert!(tokio::time::Instant::now() < deadline, "kubectl wait never watched");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let status = r#"{"status":{"phase":"Ready","conditions":[{"type":"Ready","status":"True","reason":"AllGroupsReady","message":"1/1 groups ready","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
         k.ok(&["patch", "llmd", "smollm2", "--subresource=status", "--type", "merge", "-p", status]).await;
         let out = tokio::time::timeout(STEP, waiter.wait_with_output()).await.expect("wait finished").expect("wait ran");

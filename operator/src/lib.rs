@@ -6,3 +6,4 @@ pub mod local;
 pub mod plan_cmd;
 pub mod planner;
 pub mod resources;
+pub mod status;

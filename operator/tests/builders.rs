@@ -1,6 +1,8 @@
-//! The resource builders against golden YAML: the examples planned on fixed pools, built into
-//! the objects the operator applies. Regenerate after an intended change with
-//! `UPDATE_GOLDEN=1 cargo test -p whaleflux-operator --test builders` and review the diff.
+//! The resource builders against golden YAML: the examples with hand-written plans
+//! (`tests/fixtures/plan-*.yaml`, not the live planner's output, so a planner change never
+//! forces a blind regeneration), built into the objects the operator applies. Regenerate after
+//! an intended builder change with `UPDATE_GOLDEN=1 cargo test -p whaleflux-operator --test
+//! builders` and review the diff; with `CI` set it refuses to write.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,15 @@ fn example(name: &str) -> LlmDeployment {
     let mut d = parse_deployment(&text).expect("example parses");
     d.metadata.uid = Some("0f0e0d0c-0000-4000-8000-000000000001".into());
     d
+}
+
+/// The hand-written plan of `tests/fixtures/plan-<name>.yaml`.
+fn fixed_plan(name: &str) -> whaleflux_crds::Plan {
+    let path = root()
+        .join("operator/tests/fixtures")
+        .join(format!("plan-{name}.yaml"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn plan_for(d: &LlmDeployment, gpus: &str) -> whaleflux_crds::Plan {
@@ -56,6 +67,12 @@ fn to_yaml(c: &Children) -> String {
 fn golden(name: &str, actual: &str) {
     let path = root().join("operator/tests/golden").join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "UPDATE_GOLDEN is set while CI is: refusing to rewrite {} (CI must compare, never \
+             overwrite)",
+            path.display()
+        );
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(&path, actual).expect("write golden");
         return;
@@ -80,7 +97,7 @@ fn golden(name: &str, actual: &str) {
 #[test]
 fn smollm2_on_rtx4090_hostpath_matches_golden() {
     let d = example("smollm2-135m.yaml");
-    let plan = plan_for(&d, "2x4xRTX4090");
+    let plan = fixed_plan("smollm2-135m");
     let c = children::build(&d, &plan, "s3cr3t").expect("build");
     golden("smollm2-135m.yaml", &to_yaml(&c));
 
@@ -132,7 +149,7 @@ fn smollm2_on_rtx4090_hostpath_matches_golden() {
 #[test]
 fn llama70b_two_groups_on_pvc_matches_golden() {
     let d = example("llama-3.1-70b.yaml");
-    let plan = plan_for(&d, "4x8xH100");
+    let plan = fixed_plan("llama-3.1-70b");
     let c = children::build(&d, &plan, "s3cr3t").expect("build");
     golden("llama-3.1-70b.yaml", &to_yaml(&c));
 

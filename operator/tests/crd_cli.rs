@@ -1,13 +1,16 @@
 //! `whaleflux crd` prints exactly the committed CRDs, ready for `kubectl apply -f -`.
 
+mod common;
+
 use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn whaleflux_crd_prints_the_committed_crds() {
-    let out = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
-        .arg("crd")
-        .output()
-        .expect("whaleflux runs");
+    let out = common::output_within(
+        Command::new(env!("CARGO_BIN_EXE_whaleflux")).arg("crd"),
+        Duration::from_secs(60),
+    );
     assert!(
         out.status.success(),
         "whaleflux crd failed: {}",

@@ -11,14 +11,17 @@ mod cluster;
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use cluster::{Cluster, OPERATOR_USER, bounded, eventually, root, rtx_nodes, smollm2_children};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use kube::api::ListParams;
+use kube::api::{EvictParams, ListParams};
 use kube::{Api, ResourceExt};
-use whaleflux_crds::{GpuPool, LlmDeployment};
+use whaleflux_crds::{GpuPool, LlmDeployment, Phase};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -205,8 +208,100 @@ async fn smollm2_lifecycle_through_kubectl() {
         let sel = svc.spec.and_then(|s| s.selector).expect("selector");
         assert_eq!(sel["apps.kubernetes.io/pod-index"], "0");
 
+        // The scale subresource carries the selector an HPA reads, and it selects exactly the
+        // worker pods.
+        let raw = c.kubectl_ok(
+            &[
+                "get",
+                "--raw",
+                "/apis/whaleflux.io/v1alpha1/namespaces/default/llmdeployments/smollm2/scale",
+            ],
+            None,
+        );
+        let scale: serde_json::Value = serde_json::from_str(&raw).expect("Scale JSON");
+        assert_eq!(scale["spec"]["replicas"], 2, "{raw}");
+        let selector = scale["status"]["selector"]
+            .as_str()
+            .expect("status.selector");
+        assert_eq!(
+            selector,
+            "app.kubernetes.io/component=worker,app.kubernetes.io/instance=smollm2,app.kubernetes.io/name=whaleflux"
+        );
+        let mut selected: Vec<String> = pod_api
+            .list(&ListParams::default().labels(selector))
+            .await
+            .expect("pods")
+            .items
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        selected.sort();
+        assert_eq!(selected, ["smollm2-g0-0", "smollm2-g1-0"]);
+
+        // The PodDisruptionBudget lets one group's pod go at a time: while group 0's pod is
+        // replaced, group 1's may not be evicted; once group 0 serves again, it may.
+        let evictions: Api<Pod> = Api::namespaced(c.client_without_retries().await, "default");
+        evictions
+            .evict("smollm2-g0-0", &EvictParams::default())
+            .await
+            .expect("the first eviction is allowed");
+        match evictions
+            .evict("smollm2-g1-0", &EvictParams::default())
+            .await
+        {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 429, "{e:?}");
+                assert!(e.message.contains("disruption budget"), "{e:?}");
+            }
+            other => panic!("a second eviction must be refused by the PDB: {other:?}"),
+        }
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &op);
+        eventually("group 0's new pod to be Ready", WAIT, || async {
+            pod_api.get("smollm2-g0-0").await.ok().is_some_and(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                        cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+            })
+        })
+        .await;
+        evictions
+            .evict("smollm2-g1-0", &EvictParams::default())
+            .await
+            .expect("with group 0 back, group 1's pod may go");
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &op);
+        eventually("both groups' pods to be Ready again", WAIT, || async {
+            pods(&pod_api)
+                .await
+                .iter()
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|cs| {
+                                cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                })
+                .count()
+                == 2
+        })
+        .await;
+        let after = pod_uids(&pod_api).await;
+
         // A spec change re-plans and replaces the groups one at a time: some group stays
-        // ready throughout.
+        // ready throughout, which traffic through the API Service shows. Completions at
+        // temperature 0 are idempotent, so an attempt goes to the next address the Service's DNS
+        // name resolves to when one fails (as a load balancer retries); a request fails only when
+        // no address answers.
+        let traffic = Traffic::start(
+            c.kubelet.as_ref().expect("kubelet").dns_addr(),
+            "smollm2.default.svc.cluster.local",
+        );
+        eventually("a first completion through the Service", WAIT, || async {
+            traffic.served() > 0
+        })
+        .await;
         c.kubectl_ok(
             &[
                 "patch",
@@ -243,6 +338,16 @@ async fn smollm2_lifecycle_through_kubectl() {
             min_ready >= 1,
             "a group must stay ready while the other is replaced (saw {min_ready})"
         );
+        let (served, failed) = traffic.stop();
+        assert!(
+            failed.is_empty(),
+            "completions failed during the rollout ({served} served):\n{}",
+            failed.join("\n")
+        );
+        assert!(
+            served >= 5,
+            "only {served} completions went through the rollout"
+        );
         let events = c.kubectl_ok(
             &[
                 "get",
@@ -257,6 +362,70 @@ async fn smollm2_lifecycle_through_kubectl() {
         for reason in ["PlanChosen", "GroupCreated", "GroupReplaced"] {
             assert!(events.contains(reason), "no {reason} event in:\n{events}");
         }
+        // One GroupReplaced per group, in group order, each a Normal event naming its group.
+        let replaced = c.kubectl_ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "--field-selector",
+                "regarding.name=smollm2,reason=GroupReplaced",
+                "--sort-by=.eventTime",
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.note}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        let lines: Vec<&str> = replaced.lines().collect();
+        assert_eq!(lines.len(), 2, "{replaced}");
+        assert!(
+            lines[0].starts_with("Normal replica group 0 replaced"),
+            "{replaced}"
+        );
+        assert!(
+            lines[1].starts_with("Normal replica group 1 replaced"),
+            "{replaced}"
+        );
+
+        // A deployment that cannot fit is refused with one PlanImpossible warning, and the
+        // running one is untouched.
+        let too_big = c
+            .smollm2_manifest()
+            .replace("name: smollm2\n", "name: too-big\n")
+            .replace("  replicas: 1\n", "  replicas: 20\n");
+        assert!(too_big.contains("too-big") && too_big.contains("replicas: 20"));
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&too_big));
+        c.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Planned=False",
+                "llmd/too-big",
+                "--timeout=60s",
+            ],
+            None,
+        );
+        let big = api.get("too-big").await.expect("too-big");
+        assert_eq!(
+            condition(&big, "Planned").map(|c| c.1),
+            Some("NoPlanFits".to_string())
+        );
+        assert_eq!(big.status.as_ref().map(|s| s.phase), Some(Phase::Failed));
+        let warnings = c.kubectl_ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "--field-selector",
+                "regarding.name=too-big,reason=PlanImpossible",
+                "-o",
+                "jsonpath={range .items[*]}{.type}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        assert_eq!(
+            warnings.lines().collect::<Vec<_>>(),
+            ["Warning"],
+            "{warnings}"
+        );
+        c.kubectl_ok(&["delete", "llmd", "too-big", "--timeout=60s"], None);
         let cm = Api::<ConfigMap>::namespaced(client.clone(), "default")
             .get("smollm2-g1-config")
             .await
@@ -279,9 +448,15 @@ async fn smollm2_lifecycle_through_kubectl() {
                     .is_none()
         })
         .await;
-        c.wait_smollm2("jsonpath={.status.phase}=Ready", "60s", &op);
-        let table = c.kubectl_ok(&["get", "llmd", "smollm2"], None);
-        assert!(table.contains(" 1 "), "{table}");
+        c.wait_smollm2("jsonpath={.status.readyReplicas}=1", "60s", &op);
+        let row = c.wait_smollm2_ready("60s", &op);
+        assert_eq!(
+            &row[1..7],
+            &["smollm2-135m", "1", "1", "1", "1", "Ready"],
+            "MODEL TP PP REPLICAS READY PHASE: {row:?}"
+        );
+        let s = llmd(&api).await.status.expect("status");
+        assert_eq!((s.replicas, s.ready_replicas), (1, 1));
 
         // Metrics and health.
         let (code, metrics) = op.get("/metrics").expect("metrics answer");
@@ -295,11 +470,66 @@ async fn smollm2_lifecycle_through_kubectl() {
         ] {
             assert!(metrics.contains(m), "no {m} in\n{metrics}");
         }
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("whaleflux_groups_ready{")
+                    && l.contains("deployment=\"smollm2\"")
+                    && l.ends_with(" 1")),
+            "groups_ready of smollm2 is 1 after scaling back:\n{metrics}"
+        );
         assert_eq!(op.get("/readyz").map(|r| r.0), Some(200));
         assert_eq!(op.get("/healthz").map(|r| r.0), Some(200));
 
-        // Delete: kubectl waits for the finalizer; nothing is left.
-        c.kubectl_ok(&["delete", "llmd", "smollm2", "--timeout=90s"], None);
+        // Delete: the finalizer holds the LlmDeployment while a worker pod lingers (here held
+        // by a finalizer of the test's), and lets it go once the pod is gone; nothing is left.
+        c.kubectl_ok(
+            &[
+                "patch",
+                "pod",
+                "smollm2-g0-0",
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":["test.whaleflux.io/hold"]}}"#,
+            ],
+            None,
+        );
+        c.kubectl_ok(&["delete", "llmd", "smollm2", "--wait=false"], None);
+        let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+        eventually("the cleanup to wait on the lingering pod", WAIT, || async {
+            let held = api
+                .get_opt("smollm2")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|d| {
+                    d.metadata.deletion_timestamp.is_some()
+                        && d.finalizers().iter().any(|f| f == "whaleflux.io/cleanup")
+                });
+            let waiting = op.get("/metrics").is_some_and(|(_, m)| {
+                m.lines().any(|l| {
+                    l.starts_with("whaleflux_reconcile_errors_total{")
+                        && l.contains("reason=\"children_remain\"")
+                })
+            });
+            held && waiting && sts_api.get_opt("smollm2-g0").await.ok().flatten().is_none()
+        })
+        .await;
+        c.kubectl_ok(
+            &[
+                "patch",
+                "pod",
+                "smollm2-g0-0",
+                "--type=json",
+                "-p",
+                r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+            ],
+            None,
+        );
+        c.kubectl_ok(
+            &["wait", "--for=delete", "llmd/smollm2", "--timeout=90s"],
+            None,
+        );
         assert!(api.get_opt("smollm2").await.expect("get").is_none());
         let left = smollm2_children(&client, true).await;
         assert!(left.is_empty(), "left behind: {left:?}");
@@ -332,11 +562,88 @@ async fn smollm2_lifecycle_through_kubectl() {
         body.await;
     };
     bounded(Duration::from_secs(420), guard).await;
-    // Graceful shutdown on SIGTERM: exit 0 and the Lease released.
+    // Graceful shutdown on SIGTERM: exit 0 and the Lease released (no holder, so a standby
+    // takes it at once instead of waiting out its duration).
     let status = op.terminate();
     assert!(
         status.success(),
         "SIGTERM exit: {status:?}\n{}",
         op.log_text()
     );
+    let leases: Api<Lease> = Api::namespaced(c.client().await, "default");
+    let lease = leases.get("whaleflux-operator").await.expect("the Lease");
+    let spec = lease.spec.expect("spec");
+    assert_eq!(
+        (spec.holder_identity, spec.lease_duration_seconds),
+        (None, Some(1)),
+        "SIGTERM must release the Lease\n{}",
+        op.log_text()
+    );
+}
+
+/// Completions sent through a Service's DNS name in a loop, from a thread, until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU32>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Traffic {
+    fn start(dns: std::net::SocketAddr, name: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU32::new(0));
+        let thread = {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let body =
+                    r#"{"model":"smollm2-135m","prompt":"Hello","max_tokens":2,"temperature":0}"#;
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let ips = cluster::dns_a(dns, name);
+                    let mut why = Vec::new();
+                    let answered = ips.iter().any(|ip| {
+                        match whaleflux_operator::local::http::request(
+                            std::net::SocketAddr::from((*ip, 8000)),
+                            "POST",
+                            "/v1/completions",
+                            Some(body),
+                            Duration::from_secs(60),
+                        ) {
+                            Ok(r) if r.status == 200 => true,
+                            Ok(r) => {
+                                why.push(format!("{ip}: {} {}", r.status, r.body));
+                                false
+                            }
+                            Err(e) => {
+                                why.push(format!("{ip}: {e}"));
+                                false
+                            }
+                        }
+                    });
+                    if answered {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else if served.load(Ordering::Relaxed) > 0 {
+                        failed.push(format!("no address of {ips:?} answered: {why:?}"));
+                    }
+                }
+                failed
+            })
+        };
+        Self {
+            stop,
+            served,
+            thread,
+        }
+    }
+
+    fn served(&self) -> u32 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loop; (completions served, requests no address answered).
+    fn stop(self) -> (u32, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failed = self.thread.join().expect("traffic thread");
+        (self.served.load(Ordering::Relaxed), failed)
+    }
 }

@@ -99,10 +99,41 @@ async fn injected_conflicts_errors_and_expired_watches_converge_without_duplicat
     let api: Api<LlmDeployment> = Api::namespaced(client.clone(), "default");
     bounded(Duration::from_secs(240), async {
         c.kubectl_ok(&["apply", "-f", "-"], Some(&manifest(&c, 2)));
-        // Watches drop and every version the operator holds expires, twice, while it works.
-        for _ in 0..2 {
-            tokio::time::sleep(Duration::from_millis(700)).await;
+        // Watches drop and every version the operator holds expires, twice, while it works:
+        // each time every one of its watchers must relist (a 410 cannot be resumed).
+        let audit = c.server.audit();
+        let count = |verb: &str, resource: &str| {
+            audit
+                .events()
+                .iter()
+                .filter(|e| e.user == OPERATOR_USER && e.verb == verb && e.resource == resource)
+                .count()
+        };
+        let watched = [
+            "llmdeployments",
+            "statefulsets",
+            "gpupools",
+            "nodes",
+            "pods",
+        ];
+        eventually("the operator to be watching and applying", WAIT, || async {
+            watched.iter().all(|r| count("watch", r) > 0) && count("patch", "statefulsets") > 0
+        })
+        .await;
+        for round in 0..2 {
+            let before: Vec<usize> = watched.iter().map(|r| count("list", r)).collect();
             faults.expire_resource_versions();
+            eventually(
+                &format!("every watcher to relist after 410 (round {round})"),
+                WAIT,
+                || async {
+                    watched
+                        .iter()
+                        .zip(&before)
+                        .all(|(r, b)| count("list", r) > *b)
+                },
+            )
+            .await;
         }
         c.wait_smollm2("jsonpath={.status.readyReplicas}=2", "90s", &op);
         assert_eq!(children(&client).await, expected(2));
@@ -115,14 +146,29 @@ async fn injected_conflicts_errors_and_expired_watches_converge_without_duplicat
         })
         .await;
         let (_, metrics) = op.get("/metrics").expect("metrics");
-        // (429s are retried inside the client, honouring Retry-After, so they never reach the
-        // reconciler.)
         for reason in ["server_error", "conflict"] {
             assert!(
                 metrics.contains(&format!("reason=\"{reason}\"")),
                 "no {reason} errors counted:\n{metrics}"
             );
         }
+        // The two 429s were served, then retried inside the client (honouring Retry-After),
+        // never reaching the reconciler.
+        let cm: Vec<u16> = audit
+            .events()
+            .iter()
+            .filter(|e| e.user == OPERATOR_USER && e.verb == "patch" && e.resource == "configmaps")
+            .map(|e| e.code)
+            .collect();
+        assert_eq!(&cm[..2], &[429, 429], "ConfigMap applies: {cm:?}");
+        assert!(
+            cm.get(2).is_some_and(|c| (200..300).contains(c)),
+            "the retry succeeds: {cm:?}"
+        );
+        assert!(
+            !metrics.contains("reason=\"throttled\""),
+            "429s reached the reconciler:\n{metrics}"
+        );
     })
     .await;
 }
@@ -239,7 +285,10 @@ async fn two_replicas_one_leader_and_takeover_when_it_dies() {
             Some(1),
             "one takeover"
         );
-        let _ = ready_replicas(&api).await;
+        eventually("the new leader's status to be current", WAIT, || async {
+            ready_replicas(&api).await == Some((2, true))
+        })
+        .await;
     })
     .await;
 }

@@ -12,7 +12,7 @@
 mod cluster;
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use cluster::{Cluster, bounded, eventually, rtx_nodes};
@@ -35,57 +35,6 @@ fn sharded_manifest(c: &Cluster) -> String {
     );
     assert_ne!(fixed, text, "the example's `replicas: 1` line moved");
     fixed
-}
-
-/// The A records of `name` from the DNS server at `server` (one UDP query, as a pod's resolver
-/// would send it; the e2e cluster has no Service VIPs, its DNS answers with the ready pods).
-fn dns_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
-    let id: u16 = rand::random();
-    let mut q = Vec::new();
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(u8::try_from(label.len()).expect("short label"));
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("UDP socket");
-    sock.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    sock.send_to(&q, server).expect("DNS query sent");
-    let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf).expect("DNS answer");
-    let r = &buf[..n];
-    assert!(
-        n >= 12 && r[..2] == id.to_be_bytes(),
-        "bad DNS answer {r:?}"
-    );
-    if r[3] & 0x0f != 0 {
-        return Vec::new(); // NXDOMAIN or another error: no address
-    }
-    let answers = u16::from_be_bytes([r[6], r[7]]);
-    // Skip the header and the echoed question: the same bytes as the query.
-    let mut i = q.len();
-    let mut out = Vec::new();
-    for _ in 0..answers {
-        // A name (a compression pointer or labels), then type, class, TTL, length, data.
-        if r[i] & 0xc0 == 0xc0 {
-            i += 2;
-        } else {
-            while r[i] != 0 {
-                i += 1 + r[i] as usize;
-            }
-            i += 1;
-        }
-        let rtype = u16::from_be_bytes([r[i], r[i + 1]]);
-        let len = u16::from_be_bytes([r[i + 8], r[i + 9]]) as usize;
-        i += 10;
-        if rtype == 1 && len == 4 {
-            out.push(Ipv4Addr::new(r[i], r[i + 1], r[i + 2], r[i + 3]));
-        }
-        i += len;
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -193,7 +142,7 @@ async fn tp3_pp2_statefulset_answers_like_whaleflux_run() {
             .unwrap_or_else(|| panic!("endpoint {endpoint} is not http://HOST:PORT/v1"));
         let (host, port) = rest.rsplit_once(':').expect("HOST:PORT");
         let port: u16 = port.parse().expect("port");
-        let ips = dns_a(kubelet.dns_addr(), host);
+        let ips = cluster::dns_a(kubelet.dns_addr(), host);
         let stage0_ip = pod_api
             .get("smollm2-g0-0")
             .await

@@ -1,8 +1,11 @@
 //! `whaleflux plan` as a user runs it: the real binary, its JSON/YAML/table output, its exit
 //! codes and error messages.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
 use whaleflux_operator::plan_cmd::PlanDocument;
@@ -15,10 +18,10 @@ fn path(rel: &str) -> String {
 }
 
 fn whaleflux(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_whaleflux"))
-        .args(args)
-        .output()
-        .expect("whaleflux runs")
+    common::output_within(
+        Command::new(env!("CARGO_BIN_EXE_whaleflux")).args(args),
+        Duration::from_secs(60),
+    )
 }
 
 fn stdout(out: &Output) -> String {
@@ -110,23 +113,39 @@ fn json_is_one_object_with_chosen_and_rejected() {
 
 #[test]
 fn pool_manifest_leaves_out_unhealthy_nodes() {
+    // Two groups of a fixed TP 8 take a whole node each, so the second group must go to the one
+    // other healthy node: gpu-d (its quarantine ended in 2020), not gpu-b (not Ready) nor gpu-c
+    // (quarantined until 2099), which are first in name order.
+    let manifest =
+        std::env::temp_dir().join(format!("wf-plan-70b-tp8-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(path("../examples/llama-3.1-70b.yaml")).expect("example");
+    let mut d: serde_yaml::Value = serde_yaml::from_str(&text).expect("example parses");
+    d["spec"]["replicas"] = 2.into();
+    d["spec"]["parallelism"] =
+        serde_yaml::from_str("{tensorParallel: 8, pipelineParallel: 1}").expect("yaml");
+    std::fs::write(&manifest, serde_yaml::to_string(&d).expect("yaml")).expect("write");
     let out = whaleflux(&[
         "plan",
         "-f",
-        &path("../examples/llama-3.1-70b.yaml"),
+        manifest.to_str().expect("path"),
         "--pool",
         &path("tests/fixtures/gpupool-h100-status.yaml"),
         "-o",
         "yaml",
     ]);
+    let _ = std::fs::remove_file(&manifest);
     let doc: PlanDocument = serde_yaml::from_str(&stdout(&out)).expect("YAML PlanDocument");
-    assert_eq!(doc.chosen.replicas, 2);
-    assert_eq!(doc.chosen.groups.len(), 2);
-    for g in &doc.chosen.groups {
-        for n in &g.nodes {
-            assert!(n == "gpu-a" || n == "gpu-d", "placed on {n}");
-        }
-    }
+    let used: Vec<&str> = doc
+        .chosen
+        .groups
+        .iter()
+        .flat_map(|g| g.nodes.iter().map(String::as_str))
+        .collect();
+    assert_eq!(used, ["gpu-a", "gpu-d"], "placed on {used:?}");
+    let notes = doc.chosen.notes.join("\n");
+    assert!(notes.contains("gpu-b left out"), "{notes}");
+    assert!(notes.contains("gpu-c left out"), "{notes}");
+    assert!(!notes.contains("gpu-d left out"), "{notes}");
 }
 
 #[test]

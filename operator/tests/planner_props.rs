@@ -129,10 +129,19 @@ proptest! {
         prop_assert_eq!(&first, &plan(&req, &reversed, now()));
         match first {
             Ok(p) => assert_legal(&req, &pool, &p, now()),
-            Err(e) => prop_assert!(
-                matches!(e, PlanError::NothingFits { .. } | PlanError::NoUsableGpus { .. }),
-                "unexpected error: {}", e
+            // An error must be deserved: no usable GPU at all, or options that were each
+            // rejected with a reason.
+            Err(PlanError::NoUsableGpus { .. }) => prop_assert!(
+                pool.nodes.iter().all(|n| !n.ready
+                    || n.quarantined_until.as_ref().is_some_and(|t| t.0 > now())
+                    || n.allocatable.min(n.gpu_count) <= 0),
+                "NoUsableGpus while usable nodes exist: {:?}", pool.nodes
             ),
+            Err(PlanError::NothingFits { rejected, .. }) => prop_assert!(
+                !rejected.is_empty() || fixed_tp.is_some() || fixed_pp.is_some(),
+                "NothingFits with no option rejected"
+            ),
+            Err(e) => prop_assert!(false, "unexpected error: {}", e),
         }
     }
 
@@ -143,15 +152,18 @@ proptest! {
         seqs in 1..16u64,
     ) {
         let req = request(MODELS[model], WeightDtype::Bf16, 2048, seqs, 1);
-        if let Ok(p) = plan(&req, &pool, now()) {
-            let mut fixed = req.clone();
-            fixed.tensor_parallel = Some(p.tensor_parallel as u32);
-            fixed.pipeline_parallel = Some(p.pipeline_parallel as u32);
-            let q = plan(&fixed, &pool, now()).expect("the same split plans again");
-            prop_assert_eq!(
-                (q.tensor_parallel, q.pipeline_parallel, &q.stages, &q.memory_per_gpu_bytes),
-                (p.tensor_parallel, p.pipeline_parallel, &p.stages, &p.memory_per_gpu_bytes)
-            );
-        }
+        let planned = plan(&req, &pool, now());
+        // A pool with no plan is a rejected case, not a pass: proptest must find its count of
+        // cases that planned, or fail ("too many global rejects").
+        prop_assume!(planned.is_ok(), "no plan for this pool");
+        let p = planned.expect("assumed");
+        let mut fixed = req.clone();
+        fixed.tensor_parallel = Some(p.tensor_parallel as u32);
+        fixed.pipeline_parallel = Some(p.pipeline_parallel as u32);
+        let q = plan(&fixed, &pool, now()).expect("the same split plans again");
+        prop_assert_eq!(
+            (q.tensor_parallel, q.pipeline_parallel, &q.stages, &q.memory_per_gpu_bytes),
+            (p.tensor_parallel, p.pipeline_parallel, &p.stages, &p.memory_per_gpu_bytes)
+        );
     }
 }

@@ -6,6 +6,7 @@ use common::{assert_legal, fixture, gpus, now, request};
 use whaleflux_crds::InterNodeNetwork::{Ethernet, InfiniBand};
 use whaleflux_crds::{Objective, WeightDtype};
 use whaleflux_operator::plan_cmd::parse_pool;
+use whaleflux_operator::planner::legality::legal_tps;
 use whaleflux_operator::planner::{PlanError, PlanRequest, Pool, plan};
 
 /// What a scenario must produce.
@@ -277,13 +278,33 @@ fn excluded_nodes_are_explained_and_expired_quarantine_counts() {
 
 #[test]
 fn rejected_options_are_capped_with_a_count_and_explain_fewer_gpus_first() {
-    let req = request("llama-3.1-405b", WeightDtype::Bf16, 8192, 16, 1);
+    let req = with(
+        request("llama-3.1-405b", WeightDtype::Bf16, 8192, 16, 1),
+        None,
+        None,
+        Objective::MinGpus,
+    );
     let p = plan(&req, &gpus("4x8xH100", InfiniBand), now()).expect("plan");
     assert_eq!(p.rejected.len(), 32);
+    // 63 options (TP 1, 2, 4, 8, 16, 32 with every PP up to 32 GPUs), one chosen.
     assert!(
         p.notes
             .iter()
-            .any(|n| n.contains("more rejected options are not listed"))
+            .any(|n| n == "30 more rejected options are not listed (the 32 most relevant are)"),
+        "{:?}",
+        p.notes
+    );
+    let mut all = req.clone();
+    all.settings.max_rejected = 62;
+    let p62 = plan(&all, &gpus("4x8xH100", InfiniBand), now()).expect("plan");
+    assert_eq!(p62.rejected.len(), 62);
+    assert!(!p62.notes.iter().any(|n| n.contains("more rejected")));
+    all.settings.max_rejected = 61;
+    let p61 = plan(&all, &gpus("4x8xH100", InfiniBand), now()).expect("plan");
+    assert!(
+        p61.notes
+            .iter()
+            .any(|n| n.starts_with("1 more rejected options"))
     );
     let first = &p.rejected[0];
     assert_eq!((first.tensor_parallel, first.pipeline_parallel), (1, 1));
@@ -292,15 +313,33 @@ fn rejected_options_are_capped_with_a_count_and_explain_fewer_gpus_first() {
         "{}",
         first.reason
     );
-    // Everything with fewer GPUs than the chosen split comes before anything with more.
+    // MinGpus answers "why not fewer GPUs?": the list runs from fewest GPUs up, and every
+    // legal option with fewer GPUs than the chosen split is listed, first.
     let chosen = p.gpus_per_replica;
-    let gpus: Vec<i32> = p
+    let listed: Vec<(i32, i32)> = p
         .rejected
         .iter()
-        .map(|r| r.tensor_parallel * r.pipeline_parallel)
+        .map(|r| (r.tensor_parallel, r.pipeline_parallel))
         .collect();
-    let first_more = gpus.iter().position(|&g| g > chosen).unwrap_or(gpus.len());
-    assert!(gpus[..first_more].iter().all(|&g| g <= chosen), "{gpus:?}");
+    let gpus: Vec<i32> = listed.iter().map(|(t, q)| t * q).collect();
+    assert!(
+        gpus.windows(2).all(|w| w[0] <= w[1]),
+        "not by GPUs: {gpus:?}"
+    );
+    let m = &req.model;
+    let mut fewer: Vec<(i32, i32)> = legal_tps(m)
+        .into_iter()
+        .flat_map(|tp| (1..=m.layers).map(move |pp| (tp as i32, pp as i32)))
+        .filter(|(t, q)| t * q < chosen)
+        .collect();
+    assert!(!fewer.is_empty() && fewer.len() < listed.len(), "{fewer:?}");
+    let mut head = listed[..fewer.len()].to_vec();
+    head.sort_unstable();
+    fewer.sort_unstable();
+    assert_eq!(
+        head, fewer,
+        "the options with fewer GPUs must lead the list"
+    );
 }
 
 #[test]
@@ -373,10 +412,19 @@ fn requests_from_manifests_apply_defaults_and_check_limits() {
         ),
         (4096, 8, 1, WeightDtype::Bf16, Objective::MinGpus)
     );
+    // The model's whole context is allowed; one token more is not (below).
+    let d =
+        parse_deployment(&manifest("  serving: {maxContextLength: 131072}\n")).expect("manifest");
+    assert_eq!(
+        PlanRequest::from_spec(&d.spec)
+            .expect("request")
+            .max_context,
+        131072
+    );
     for (extra, want) in [
         (
-            "  serving: {maxContextLength: 200000}\n",
-            "spec.serving.maxContextLength 200000 exceeds the 131072 tokens llama-3.1-8b supports",
+            "  serving: {maxContextLength: 131073}\n",
+            "spec.serving.maxContextLength 131073 exceeds the 131072 tokens llama-3.1-8b supports",
         ),
         ("  replicas: -1\n", "spec.replicas is -1"),
         (
@@ -389,4 +437,260 @@ fn requests_from_manifests_apply_defaults_and_check_limits() {
         assert!(err.to_string().contains(want), "{extra}: {err}");
         assert!(!err.is_infeasible());
     }
+}
+
+#[test]
+fn nvlink_inside_a_node_beats_pcie_for_the_same_split() {
+    use whaleflux_crds::IntraNodeLink;
+    let req = with(
+        request("llama-3.1-70b", WeightDtype::Bf16, 4096, 8, 1),
+        Some(8),
+        Some(1),
+        Objective::MinGpus,
+    );
+    let tokens = |gpu: &str, link: IntraNodeLink| {
+        let mut pool = gpus(&format!("1x8x{gpu}"), InfiniBand);
+        pool.intra_node = link;
+        plan(&req, &pool, now())
+            .expect("plan")
+            .estimate
+            .decode_tokens_per_second
+    };
+    let nvlink = tokens("H100", IntraNodeLink::NVLink);
+    assert_eq!(tokens("H100", IntraNodeLink::Auto), nvlink);
+    let pcie = tokens("H100", IntraNodeLink::PCIe);
+    assert!(nvlink > pcie, "NVLink {nvlink} tokens/s vs PCIe {pcie}");
+    // A PCIe card has no NVLink to use, whatever the pool says.
+    assert_eq!(
+        tokens("H100-PCIe", IntraNodeLink::NVLink),
+        tokens("H100-PCIe", IntraNodeLink::PCIe)
+    );
+}
+
+#[test]
+fn when_nothing_fits_a_lack_of_room_is_closer_than_a_lack_of_memory() {
+    // Three groups of 70B in bf16 on 2 x 4 H100: TP 1 x PP 3 fits a GPU's memory but three
+    // groups of it need 9 GPUs; TP 1 x PP 1 or 2 do not fit in memory at all.
+    let req = request("llama-3.1-70b", WeightDtype::Bf16, 4096, 8, 3);
+    let err = plan(&req, &gpus("2x4xH100", InfiniBand), now()).unwrap_err();
+    let PlanError::NothingFits { message, rejected } = &err else {
+        panic!("{err}");
+    };
+    assert!(
+        message
+            .contains("the closest, TP 1 x PP 3 on H100, fits in memory, but 3 replica group(s)"),
+        "{message}"
+    );
+    let memory = |r: &whaleflux_crds::RejectedOption| r.reason.contains("GiB is usable");
+    let first_memory = rejected.iter().position(memory).expect("a memory failure");
+    assert!(first_memory > 0, "{rejected:?}");
+    assert!(
+        rejected[first_memory..].iter().all(memory),
+        "room failures must all come before memory failures: {rejected:?}"
+    );
+}
+
+/// The estimate is rounded for display (3 decimals of ms, 1 of tokens/s) and both describe the
+/// same period: tokens/s = concurrency / time per token.
+fn assert_estimate_consistent(p: &whaleflux_crds::Plan) {
+    let e = &p.estimate;
+    assert_eq!(
+        (e.time_per_token_ms * 1e3).round() / 1e3,
+        e.time_per_token_ms
+    );
+    assert_eq!(
+        (e.decode_tokens_per_second * 10.0).round() / 10.0,
+        e.decode_tokens_per_second
+    );
+    let from_time = f64::from(e.concurrency) * 1e3 / e.time_per_token_ms;
+    assert!(
+        (from_time - e.decode_tokens_per_second).abs() / e.decode_tokens_per_second < 1e-3,
+        "{e:?}"
+    );
+}
+
+#[test]
+fn notes_say_everything_that_shaped_the_plan() {
+    use whaleflux_crds::IntraNodeLink;
+    let common = [
+        "the estimate is a cost model (HBM bandwidth, dense BF16 TFLOPS, link bandwidth from the catalog; sequences half full on average), not a measurement",
+    ];
+    // SmolLM2 (9 heads, 3 KV heads, tied embeddings) at a fixed TP 9 x PP 2 on a pool that
+    // mixes GPU models and claims NVLink for cards without it, with no replicas.
+    let mut pool = gpus("2x16xRTX4090,1x2xH100", Ethernet);
+    pool.intra_node = IntraNodeLink::NVLink;
+    let req = with(
+        request("smollm2-135m", WeightDtype::Q4_1, 2048, 8, 0),
+        Some(9),
+        Some(2),
+        Objective::MinGpus,
+    );
+    let p = plan(&req, &pool, now()).expect("plan");
+    assert_eq!(p.gpu_model, "RTX4090");
+    assert_eq!(
+        p.notes,
+        [
+            "tensor parallel 9 exceeds the 3 KV heads: each KV head is replicated on 3 ranks",
+            "tied embeddings: the last stage holds its own copy of the embedding as the output head",
+            "spec.interconnect.intraNode is NVLink but the RTX4090 has no NVLink switch in the catalog; PCIe figures are used",
+            "the pool mixes GPU models (H100, RTX4090); a plan uses one, here RTX4090",
+            "replicas is 0: the split is sized for one replica group and nothing is placed",
+            "KV cache reserved in fp16 for 2048 tokens x 8 sequences per replica group; usable memory is 90% of each GPU",
+            common[0],
+        ]
+    );
+    // With more than one GPU model, a rejected option names its model.
+    let reasons: Vec<&str> = p.rejected.iter().map(|r| r.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "H100: fits in memory, but needs 9 GPUs in one node and at most 2 H100 are free on one node; spanning nodes is only used when nothing inside one node fits"
+        ]
+    );
+    assert_estimate_consistent(&p);
+
+    // TP 16 for 70B on two nodes of 8: one KV head on two ranks each, and the all-reduces
+    // cross the network. TP 8 x PP 1 (= KV heads) would have no replication note.
+    let req = with(
+        request("llama-3.1-70b", WeightDtype::Bf16, 4096, 8, 1),
+        Some(16),
+        None,
+        Objective::MinGpus,
+    );
+    let p = plan(&req, &gpus("2x8xH100", InfiniBand), now()).expect("plan");
+    assert_eq!(
+        p.notes,
+        [
+            "tensor parallel 16 exceeds the 8 KV heads: each KV head is replicated on 2 ranks",
+            "tensor parallel 16 spans nodes because no split inside one node fits (8 GPUs is the most free on one H100 node); its all-reduces run over the InfiniBand network at 400 Gbit/s (slow)",
+            "KV cache reserved in fp16 for 4096 tokens x 8 sequences per replica group; usable memory is 90% of each GPU",
+            common[0],
+        ]
+    );
+    assert_estimate_consistent(&p);
+    let req = with(req, Some(8), None, Objective::MinGpus);
+    let p = plan(&req, &gpus("2x8xH100", InfiniBand), now()).expect("plan");
+    assert!(
+        !p.notes
+            .iter()
+            .any(|n| n.contains("replicated") || n.contains("spans")),
+        "{:?}",
+        p.notes
+    );
+
+    // MaxThroughput lists the fitting alternatives by estimated throughput, best first, each
+    // against the chosen split.
+    let req = with(
+        request("llama-3.1-8b", WeightDtype::Bf16, 4096, 8, 1),
+        None,
+        None,
+        Objective::MaxThroughput,
+    );
+    let p = plan(&req, &gpus("1x4xH100", InfiniBand), now()).expect("plan");
+    assert_eq!((p.tensor_parallel, p.pipeline_parallel), (4, 1));
+    let listed: Vec<String> = p
+        .rejected
+        .iter()
+        .map(|r| format!("{}x{} {}", r.tensor_parallel, r.pipeline_parallel, r.reason))
+        .collect();
+    let tokens = p.estimate.decode_tokens_per_second.floor();
+    let want: Vec<String> = [
+        (2, 2, 4),
+        (2, 1, 2),
+        (1, 2, 2),
+        (1, 1, 1),
+        (1, 3, 3),
+        (1, 4, 4),
+    ]
+    .iter()
+    .map(|(t, q, g)| format!("{t}x{q} fits with {g} GPUs per replica, but estimated"))
+    .collect();
+    assert_eq!(listed.len(), want.len(), "{listed:#?}");
+    let mut last = f64::INFINITY;
+    for (got, want) in listed.iter().zip(&want) {
+        assert!(got.starts_with(want.as_str()), "{got} / {want}");
+        assert!(
+            got.ends_with(&format!("tokens/s against {tokens} for TP 4 x PP 1")),
+            "{got}"
+        );
+        let est: f64 = got
+            .split("estimated ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("estimate in the reason");
+        assert!(est <= last && est < tokens, "{listed:#?}");
+        last = est;
+    }
+    assert_estimate_consistent(&p);
+}
+
+/// The number after `word` in a rejected reason ("estimated 1.23 ms", "against 4.56").
+fn number_after(reason: &str, word: &str) -> f64 {
+    reason
+        .split(word)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {word:?} in {reason:?}"))
+}
+
+#[test]
+fn min_latency_explains_each_alternative_by_its_time_per_token() {
+    let req = with(
+        request("llama-3.1-8b", WeightDtype::Bf16, 4096, 8, 1),
+        None,
+        None,
+        Objective::MinLatency,
+    );
+    let p = plan(&req, &gpus("1x4xH100", InfiniBand), now()).expect("plan");
+    assert_eq!((p.tensor_parallel, p.pipeline_parallel), (4, 1));
+    let chosen_ms = p.estimate.time_per_token_ms;
+    assert_eq!(p.rejected.len(), 6, "{:#?}", p.rejected);
+    let mut last = 0.0;
+    for r in &p.rejected {
+        let tail = format!(" ms per token against {chosen_ms:.2} for TP 4 x PP 1");
+        assert!(r.reason.starts_with("fits, but estimated "), "{}", r.reason);
+        assert!(r.reason.ends_with(&tail), "{} / {tail}", r.reason);
+        let ms = number_after(&r.reason, "estimated ");
+        assert!(ms > chosen_ms && ms >= last, "{:#?}", p.rejected);
+        last = ms;
+    }
+    assert_estimate_consistent(&p);
+}
+
+#[test]
+fn alternatives_that_fit_are_listed_before_options_that_do_not() {
+    // Two replica groups: the one A100 cannot hold both, so its TP 1 x PP 1 lacks room (a
+    // failure needing a single GPU), while the H100 node fits many splits. Every fitting
+    // alternative is more relevant than any failure, whatever its GPU count.
+    let req = with(
+        request("llama-3.1-8b", WeightDtype::Bf16, 4096, 8, 2),
+        None,
+        None,
+        Objective::MaxThroughput,
+    );
+    let p = plan(&req, &gpus("1x8xH100,1x1xA100-80GB", InfiniBand), now()).expect("plan");
+    assert_eq!(p.gpu_model, "H100");
+    let fits: Vec<bool> = p
+        .rejected
+        .iter()
+        .map(|r| r.reason.contains(": fits with "))
+        .collect();
+    let first_failure = fits.iter().position(|f| !f).expect("some option fails");
+    assert!(first_failure >= 3, "{:#?}", p.rejected);
+    assert!(
+        fits[first_failure..].iter().all(|f| !f),
+        "{:#?}",
+        p.rejected
+    );
+    let a100 = p
+        .rejected
+        .iter()
+        .find(|r| {
+            r.reason.starts_with("A100-80GB: ")
+                && (r.tensor_parallel, r.pipeline_parallel) == (1, 1)
+        })
+        .expect("A100 TP 1 x PP 1 listed");
+    assert!(a100.reason.contains("replica group"), "{}", a100.reason);
 }

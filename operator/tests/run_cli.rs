@@ -11,7 +11,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{Run, free_port, model, whaleflux};
+use common::{Run, free_port, model, output_within, whaleflux};
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -126,6 +126,115 @@ fn serve_restart_stop(args: &[&str], workers: usize) {
     }
 }
 
+/// The args of a one-process run of the example on `port`.
+fn one_rank(model: &str, port: &str) -> Vec<String> {
+    [
+        "-f",
+        EXAMPLE,
+        "--devices",
+        "cpu",
+        "--port",
+        port,
+        "--model",
+        model,
+        "--tensor-parallel",
+        "1",
+        "--pipeline-parallel",
+        "1",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits until none of `pids` is alive, failing after `limit`.
+fn all_gone(pids: &[i32], limit: Duration, what: &str) {
+    let t = std::time::Instant::now();
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            t.elapsed() < limit,
+            "{what}: {pids:?} still alive after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A second Ctrl-C exits at once (code 130) even while the workers take their time to stop, and
+/// the workers die with `whaleflux run`.
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_the_workers_go_with_it() {
+    let model = model();
+    let port = free_port().to_string();
+    // A worker that ignores SIGTERM (the disposition survives exec), so the first Ctrl-C's
+    // stop waits out the grace period instead of finishing at once.
+    let dir = std::env::temp_dir().join(format!("wf-run-ctrlc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let wrapper = dir.join("slow-to-stop-worker");
+    let real = common::worker_binary();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntrap '' TERM\nexec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .expect("wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let args = one_rank(model.to_str().expect("UTF-8 path"), &port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Run::start_with(
+        &args,
+        &std::env::temp_dir(),
+        &[("WHALEFLUX_WORKER_BIN", wrapper.to_str().expect("path"))],
+    );
+    run.wait_for(&["Serving smollm2-135m at"], Duration::from_secs(300));
+    let workers = children(run.pid());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    signal(run.pid(), libc::SIGINT);
+    // The first Ctrl-C starts the stop: SIGTERM to the workers, which ignore it, so it waits.
+    run.wait_for(
+        &["shutting down: stopping 1 worker"],
+        Duration::from_secs(10),
+    );
+    assert!(alive(run.pid()), "the first Ctrl-C waits for the workers");
+    let t = std::time::Instant::now();
+    signal(run.pid(), libc::SIGINT);
+    let status = run.wait_exit(Duration::from_secs(3));
+    assert_eq!(status.code(), Some(130), "{}", run.seen.join("\n"));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the second Ctrl-C exits at once"
+    );
+    all_gone(
+        &workers,
+        Duration::from_secs(5),
+        "workers after the second Ctrl-C",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGKILL gives `whaleflux run` no chance to clean up: its workers die anyway (the kernel kills
+/// them with their parent).
+#[test]
+fn workers_die_when_whaleflux_run_is_sigkilled() {
+    let model = model();
+    let port = free_port().to_string();
+    let args = one_rank(model.to_str().expect("UTF-8 path"), &port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Run::start(&args);
+    run.wait_for(&["Serving smollm2-135m at"], Duration::from_secs(300));
+    let workers = children(run.pid());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    signal(run.pid(), libc::SIGKILL);
+    let _ = run.wait_exit(Duration::from_secs(5));
+    all_gone(&workers, Duration::from_secs(5), "workers after SIGKILL");
+}
+
 #[test]
 fn single_rank_serves_restarts_a_killed_worker_and_stops_on_sigterm() {
     serve_restart_stop(
@@ -212,14 +321,15 @@ fn a_worker_that_fails_to_start_is_reported_with_its_log() {
     std::fs::create_dir_all(&dir).expect("dir");
     let bad = dir.join("not-a-model.gguf");
     std::fs::write(&bad, b"this is not a GGUF file").expect("write");
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
-        .args(["--tensor-parallel", "1", "--pipeline-parallel", "1"])
-        .args(["--port", &free_port().to_string(), "--model"])
-        .arg(&bad)
-        .env("TMPDIR", &dir)
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux()
+            .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+            .args(["--tensor-parallel", "1", "--pipeline-parallel", "1"])
+            .args(["--port", &free_port().to_string(), "--model"])
+            .arg(&bad)
+            .env("TMPDIR", &dir),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -238,11 +348,12 @@ fn a_worker_that_fails_to_start_is_reported_with_its_log() {
 
 #[test]
 fn missing_model_file_names_the_fetch_script() {
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
-        .args(["--model", "/nonexistent/SmolLM2.gguf"])
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux()
+            .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+            .args(["--model", "/nonexistent/SmolLM2.gguf"]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -252,10 +363,10 @@ fn missing_model_file_names_the_fetch_script() {
     assert!(stderr.contains("scripts/fetch-model.sh"), "{stderr}");
 
     // Without --model or WHALEFLUX_MODEL the manifest's placeholder path is named.
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux().args(["run", "-f", EXAMPLE, "--devices", "cpu"]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -268,11 +379,12 @@ fn missing_model_file_names_the_fetch_script() {
 
 #[test]
 fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
-        .args(["--tensor-parallel", "2"])
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux()
+            .args(["run", "-f", EXAMPLE, "--devices", "cpu"])
+            .args(["--tensor-parallel", "2"]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -287,10 +399,10 @@ fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
         "{stderr}"
     );
     assert!(stderr.contains("CPU slots of"), "{stderr}");
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--pipeline-parallel", "31"])
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux().args(["run", "-f", EXAMPLE, "--pipeline-parallel", "31"]),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -302,12 +414,13 @@ fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
 #[test]
 fn missing_worker_binary_says_how_to_get_it() {
     let model = model();
-    let out = whaleflux()
-        .args(["run", "-f", EXAMPLE, "--devices", "cpu", "--model"])
-        .arg(&model)
-        .env("WHALEFLUX_WORKER_BIN", "/nonexistent/whaleflux-worker")
-        .output()
-        .expect("run");
+    let out = output_within(
+        whaleflux()
+            .args(["run", "-f", EXAMPLE, "--devices", "cpu", "--model"])
+            .arg(&model)
+            .env("WHALEFLUX_WORKER_BIN", "/nonexistent/whaleflux-worker"),
+        Duration::from_secs(120),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

@@ -76,12 +76,24 @@ fn official_openai_client_works() {
     }
     let stderr = server.stderr.take().expect("stderr");
     let _guard = Kill(server);
-    let mut lines = BufReader::new(stderr).lines();
+    // The log is read on its own thread, so a server that hangs without printing cannot hang
+    // the test: the wait below has a deadline whatever the server does.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut addr = None;
     loop {
-        let Some(Ok(line)) = lines.next() else {
-            panic!("server exited before it was ready")
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("server not ready in 60 s"),
+            Err(_) => panic!("server exited before it was ready"),
         };
         if let Some(rest) = line.split("addr=").nth(1) {
             addr = rest.split_whitespace().next().map(str::to_string);
@@ -89,14 +101,14 @@ fn official_openai_client_works() {
         if line.contains("ready") {
             break;
         }
-        assert!(Instant::now() < deadline, "server not ready in 60 s");
     }
     let addr = addr.expect("server printed its address");
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let out = Command::new(python)
-        .args(["-c", SCRIPT, &format!("http://{addr}")])
-        .output()
-        .expect("run python");
+    std::thread::spawn(move || for _ in rx {});
+    let out = whaleflux_e2e::output_within(
+        Command::new(python).args(["-c", SCRIPT, &format!("http://{addr}")]),
+        None,
+        Duration::from_secs(300),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("OPENAI-OK"),

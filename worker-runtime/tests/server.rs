@@ -36,8 +36,23 @@ async fn start(max_batch: usize, max_queue: usize) -> (SocketAddr, Arc<AppState>
     (addr, state)
 }
 
-/// Minimal HTTP/1.1 client: returns status, headers (lowercased) and body.
+/// Minimal HTTP/1.1 client: returns status, headers (lowercased) and body. A request that takes
+/// more than two minutes fails the test instead of hanging it.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, String) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        http_unbounded(addr, method, path, body),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{method} {path} got no full answer within 120 s"))
+}
+
+async fn http_unbounded(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -10,6 +10,7 @@
 mod admission;
 mod delete;
 mod discovery;
+mod evict;
 mod gc;
 mod patching;
 mod read;
@@ -320,6 +321,7 @@ async fn route(st: &Arc<AppState>, req: &Req, event: &mut AuditEvent) -> Respons
         "get" => read::get(st, req, &target),
         "list" => return read::list(st, req, &target).unwrap_or_else(|e| error_response(&e)),
         "watch" => return watch::watch(st.clone(), req, target),
+        "create" if target.sub == "eviction" => evict::evict(st, req, &target),
         "create" if target.name.is_none() => write::create(st, req, &target),
         "update" if target.name.is_some() => write::update(st, req, &target),
         "patch" if target.name.is_some() => patching::patch_object(st, req, &target),
@@ -361,7 +363,7 @@ fn parse_target(reg: &Registry, segs: &[&str]) -> Result<Target> {
         "" => true,
         "status" => info.status,
         "scale" => info.scale.is_some(),
-        "log" => info.group.is_empty() && info.resource == "pods",
+        "log" | "eviction" => info.group.is_empty() && info.resource == "pods",
         _ => false,
     };
     if !sub_ok || (!info.namespaced && namespace.is_some()) {

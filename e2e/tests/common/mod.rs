@@ -17,9 +17,20 @@ pub async fn bounded(test: impl Future<Output = ()>) {
 
 /// A kube-rs client authenticated as the server's admin.
 pub async fn client(server: &ApiServer) -> Client {
-    let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
+    Client::try_from(config(server).await).expect("client")
+}
+
+/// Like [`client`], without kube-rs's retries of 429/503/504: for calls whose 429 is an answer
+/// (an eviction a disruption budget refuses), not a hint to try again.
+pub async fn client_without_retries(server: &ApiServer) -> Client {
+    let mut config = config(server).await;
+    config.default_retry = false;
     Client::try_from(config).expect("client")
+}
+
+async fn config(server: &ApiServer) -> kube::Config {
+    let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig parses");
+    kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config")
 }

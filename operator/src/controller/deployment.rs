@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -18,15 +17,17 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use whaleflux_crds::{GpuPool, LlmDeployment, LlmDeploymentStatus, Phase, Plan};
+use whaleflux_crds::LlmDeployment;
 
 use super::events::Severity;
-use super::pool::condition;
 use super::{Context, Error};
 use crate::planner::{self, PlanRequest, Pool};
-use crate::resources::children::{
-    self, CONFIG_HASH_ANNOTATION, Children, FIELD_MANAGER, GROUP_LABEL, MANAGED_BY, SECRET_KEY,
+use crate::resources::children::{self, Children, FIELD_MANAGER, MANAGED_BY, SECRET_KEY};
+use crate::status::condition;
+use crate::status::deployment::{
+    GroupState, Planned, condition_of, deployment_status, group_state, needs_plan, plan_summary,
 };
+pub use crate::status::deployment::{planned_at_generation, pool_change_matters};
 
 /// Rejected options kept in `status.plan.rejected`.
 pub const STATUS_REJECTED: usize = 8;
@@ -46,7 +47,7 @@ pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Actio
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let ns = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     let api: Api<LlmDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let k = key(&d);
+    let backoff_key = super::Backoff::key("llmdeployment", &d.metadata);
     let result = finalizer::finalizer(&api, FINALIZER, d, |event| async {
         match event {
             Finalizer::Apply(d) => apply(d, &ctx).await,
@@ -60,7 +61,7 @@ pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Actio
         other => Error::Finalizer(other.to_string()),
     });
     if result.is_ok() {
-        ctx.backoff.reset(&format!("llmdeployment/{k}"));
+        ctx.backoff.reset(&backoff_key);
     }
     ctx.metrics
         .duration
@@ -100,112 +101,6 @@ where
     )
     .await?;
     Ok(())
-}
-
-fn condition_of<'a>(status: Option<&'a LlmDeploymentStatus>, t: &str) -> Option<&'a Condition> {
-    status.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
-}
-
-/// Whether `d`'s status holds a plan chosen for its current generation (the watch cache has
-/// caught up with the plan this process chose).
-pub fn planned_at_generation(d: &LlmDeployment) -> bool {
-    d.status.as_ref().is_some_and(|s| s.plan.is_some())
-        && condition_of(d.status.as_ref(), "Planned")
-            .is_some_and(|c| c.status == "True" && c.observed_generation == d.metadata.generation)
-}
-
-/// What one existing replica group looks like.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GroupState {
-    /// Group number.
-    pub index: i32,
-    /// Config hash on its pod template.
-    pub hash: String,
-    /// Every pod of the current template is ready.
-    pub ready: bool,
-}
-
-fn group_state(sts: &StatefulSet) -> Option<GroupState> {
-    let index = sts.labels().get(GROUP_LABEL)?.parse::<i32>().ok()?;
-    let spec = sts.spec.as_ref()?;
-    let want = spec.replicas.unwrap_or(1);
-    let hash = spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
-        .cloned()
-        .unwrap_or_default();
-    let ready = sts.status.as_ref().is_some_and(|s| {
-        s.observed_generation >= sts.metadata.generation
-            && s.replicas == want
-            && s.ready_replicas.unwrap_or(0) == want
-            && s.updated_replicas.unwrap_or(want) == want
-    });
-    Some(GroupState { index, hash, ready })
-}
-
-/// Whether the plan must be (re)computed: no plan yet, the spec changed since it was planned,
-/// the last attempt failed, or a node it uses left the pool or became unusable.
-fn needs_plan(d: &LlmDeployment, pool: &GpuPool, now: Timestamp) -> bool {
-    let status = d.status.as_ref();
-    let Some(plan) = status.and_then(|s| s.plan.as_ref()) else {
-        return true;
-    };
-    let planned = condition_of(status, "Planned");
-    if planned.is_none_or(|c| c.status != "True" || c.observed_generation != d.metadata.generation)
-    {
-        return true;
-    }
-    let nodes = pool.status.as_ref().map(|s| &s.nodes);
-    let usable = |name: &str| {
-        nodes
-            .and_then(|ns| ns.iter().find(|n| n.name == name))
-            .is_some_and(|n| n.ready && n.quarantined_until.as_ref().is_none_or(|t| t.0 <= now))
-    };
-    plan.groups
-        .iter()
-        .flat_map(|g| g.nodes.iter())
-        .chain(plan.stages.iter().map(|s| &s.node))
-        .any(|n| !usable(n))
-}
-
-/// Whether a pool change can matter to `d` (the pool controller's mapper asks this so a busy
-/// pool does not wake every deployment on it).
-///
-/// Only deployments that wait on the pool count: those that could not be planned on it, and
-/// those whose plan uses a node the pool no longer offers. A deployment not reconciled yet
-/// (no status) is woken by its own creation, not by every pool update.
-pub fn pool_change_matters(d: &LlmDeployment, pool: &GpuPool) -> bool {
-    d.spec.gpu_pool == pool.name_any()
-        && d.metadata.deletion_timestamp.is_none()
-        && d.status.is_some()
-        && needs_plan(d, pool, Timestamp::now())
-}
-
-fn plan_summary(plan: &Plan) -> String {
-    let placement: Vec<String> = plan
-        .groups
-        .iter()
-        .map(|g| format!("group {} on {}", g.index, g.nodes.join(",")))
-        .collect();
-    format!(
-        "TP {} x PP {} ({} GPU(s) per group, {}), {} replica group(s){}{}",
-        plan.tensor_parallel,
-        plan.pipeline_parallel,
-        plan.gpus_per_replica,
-        plan.gpu_model,
-        plan.replicas,
-        if placement.is_empty() { "" } else { ": " },
-        placement.join("; ")
-    )
-}
-
-struct Planned {
-    plan: Option<Plan>,
-    /// Planned condition: (status, reason, message).
-    condition: (bool, &'static str, String),
 }
 
 async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planned {
@@ -540,131 +435,6 @@ fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-fn deployment_status(
-    d: &LlmDeployment,
-    planned: &Planned,
-    groups: &[GroupState],
-    rolling: bool,
-    created_now: bool,
-    now: Timestamp,
-) -> LlmDeploymentStatus {
-    let generation = d.metadata.generation;
-    let previous = d
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let want = d.spec.replicas.max(0);
-    let ready = groups.iter().filter(|g| g.ready).count() as i32;
-    let (plan_ok, plan_reason, plan_msg) = &planned.condition;
-    let planned_c = condition(
-        "Planned",
-        *plan_ok,
-        plan_reason,
-        plan_msg.clone(),
-        generation,
-        &previous,
-        now,
-    );
-    let settled = *plan_ok && ready == want && !rolling;
-    let progressing = condition(
-        "Progressing",
-        *plan_ok && !settled,
-        if !plan_ok {
-            "NotPlanned"
-        } else if rolling {
-            "ReplacingGroups"
-        } else if settled {
-            "Complete"
-        } else {
-            "StartingGroups"
-        },
-        if settled {
-            format!("{ready} of {want} replica group(s) ready")
-        } else if rolling {
-            format!(
-                "replacing replica groups one at a time; {ready} of {want} ready with the current plan"
-            )
-        } else {
-            format!("{ready} of {want} replica group(s) ready")
-        },
-        generation,
-        &previous,
-        now,
-    );
-    let ready_c = condition(
-        "Ready",
-        ready >= 1,
-        if ready >= 1 {
-            "GroupsReady"
-        } else if want == 0 {
-            "ScaledToZero"
-        } else {
-            "NoGroupReady"
-        },
-        format!("{ready} of {want} replica group(s) have every pod ready"),
-        generation,
-        &previous,
-        now,
-    );
-    // Degraded: the deployment had settled and lost a group without being asked to change.
-    let was_settled = previous
-        .iter()
-        .any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason == "Complete");
-    let lost = *plan_ok && ready < want && !rolling && !created_now && was_settled;
-    let degraded_c = if !plan_ok && groups.iter().any(|g| g.ready) {
-        condition(
-            "Degraded",
-            true,
-            "NoPlanForSpec",
-            format!("serving the previous plan: {plan_msg}"),
-            generation,
-            &previous,
-            now,
-        )
-    } else if lost {
-        condition(
-            "Degraded",
-            true,
-            "GroupsUnavailable",
-            format!("{} of {want} replica group(s) not ready", want - ready),
-            generation,
-            &previous,
-            now,
-        )
-    } else {
-        condition(
-            "Degraded",
-            false,
-            "AsPlanned",
-            "no replica group lost".into(),
-            generation,
-            &previous,
-            now,
-        )
-    };
-    let degraded = degraded_c.status == "True";
-    let phase = if !plan_ok && !degraded {
-        Phase::Failed
-    } else if degraded {
-        Phase::Degraded
-    } else if settled {
-        Phase::Ready
-    } else {
-        Phase::Progressing
-    };
-    LlmDeploymentStatus {
-        observed_generation: generation,
-        phase,
-        conditions: vec![planned_c, progressing, ready_c, degraded_c],
-        plan: planned.plan.clone(),
-        replicas: groups.len() as i32,
-        ready_replicas: ready,
-        selector: Some(children::worker_selector_string(&d.name_any())),
-        endpoint: children::endpoint(d),
     }
 }
 

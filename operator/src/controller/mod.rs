@@ -114,6 +114,18 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The key of one object of `controller`: `controller/namespace/name` (no namespace for
+    /// cluster-scoped objects). The failure and the reset of an object use the same key.
+    pub fn key(controller: &str, meta: &kube::api::ObjectMeta) -> String {
+        match meta.namespace.as_deref() {
+            Some(ns) => format!(
+                "{controller}/{ns}/{}",
+                meta.name.as_deref().unwrap_or_default()
+            ),
+            None => format!("{controller}/{}", meta.name.as_deref().unwrap_or_default()),
+        }
+    }
+
     /// Records a failure of `key`; returns how long to wait before retrying.
     pub fn failure(&self, key: &str) -> Duration {
         let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,15 +211,7 @@ fn error_policy<K: kube::Resource<DynamicType = ()>>(
     ctx: Arc<Context>,
     controller: &'static str,
 ) -> Action {
-    let key = format!(
-        "{controller}/{}{}",
-        obj.meta()
-            .namespace
-            .as_deref()
-            .map(|n| format!("{n}/"))
-            .unwrap_or_default(),
-        obj.meta().name.as_deref().unwrap_or_default()
-    );
+    let key = Backoff::key(controller, obj.meta());
     ctx.metrics
         .errors
         .get_or_create(&vec![
@@ -319,14 +323,16 @@ fn foreign_pods(
         .default_backoff()
         .for_each(move |e| {
             let changed = match e {
-                Ok(watcher::Event::Apply(p)) => ledger.set_pod(&pod_key(&p), pool::pod_gpus(&p)),
+                Ok(watcher::Event::Apply(p)) => {
+                    ledger.set_pod(&pod_key(&p), crate::status::pool::pod_gpus(&p))
+                }
                 Ok(watcher::Event::Delete(p)) => ledger.set_pod(&pod_key(&p), None),
                 Ok(watcher::Event::Init) => {
                     buffer.clear();
                     false
                 }
                 Ok(watcher::Event::InitApply(p)) => {
-                    if let Some(t) = pool::pod_gpus(&p) {
+                    if let Some(t) = crate::status::pool::pod_gpus(&p) {
                         buffer.insert(pod_key(&p), t);
                     }
                     false
@@ -549,4 +555,51 @@ async fn controllers(
     abort();
     drop(pools);
     tracing::info!("controllers stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0.5 s doubling to 5 min per object, reset by success, one object's failures not
+    /// touching another's.
+    #[test]
+    fn backoff_doubles_from_half_a_second_to_five_minutes_per_object() {
+        let b = Backoff::default();
+        let waits: Vec<u128> = (0..12).map(|_| b.failure("a").as_millis()).collect();
+        assert_eq!(
+            waits,
+            [
+                500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000
+            ]
+        );
+        for _ in 0..100 {
+            assert_eq!(
+                b.failure("a"),
+                Duration::from_secs(300),
+                "capped, never overflowing"
+            );
+        }
+        assert_eq!(b.failure("b"), Duration::from_millis(500), "per object");
+        b.reset("a");
+        assert_eq!(
+            b.failure("a"),
+            Duration::from_millis(500),
+            "reset by a success"
+        );
+    }
+
+    #[test]
+    fn backoff_keys_name_the_controller_and_the_object() {
+        let meta = |ns: Option<&str>| kube::api::ObjectMeta {
+            name: Some("x".into()),
+            namespace: ns.map(String::from),
+            ..Default::default()
+        };
+        assert_eq!(
+            Backoff::key("llmdeployment", &meta(Some("ml"))),
+            "llmdeployment/ml/x"
+        );
+        assert_eq!(Backoff::key("gpupool", &meta(None)), "gpupool/x");
+    }
 }

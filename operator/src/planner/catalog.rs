@@ -243,6 +243,17 @@ mod tests {
         let err = lookup("NVIDIA-B200").unwrap_err().to_string();
         assert!(err.contains("NVIDIA-B200"), "{err}");
         assert!(err.contains("spec.gpu.model"), "{err}");
+        let known = short_names().join(", ");
+        assert!(known.starts_with("H100, H100-PCIe, H200"), "{known}");
+        assert!(err.contains(&known), "{err}");
+    }
+
+    #[test]
+    fn catalog_order_breaks_ties_and_slots_come_last() {
+        for (i, g) in CATALOG.iter().enumerate() {
+            assert_eq!(index_of(g), i, "{}", g.short_name);
+        }
+        assert_eq!(index_of(&cpu_slot(1 << 30, 1.0)), CATALOG.len());
     }
 
     #[test]
@@ -256,7 +267,13 @@ mod tests {
         assert!(one.matches("cpu") && one.matches(CPU_SLOT));
         // Oversubscribed slots get a fraction of a core; nonsense falls back to one core.
         assert!(cpu_slot(1 << 30, 0.5).hbm_gbps < one.hbm_gbps);
-        assert_eq!(cpu_slot(1 << 30, f64::NAN).hbm_gbps, one.hbm_gbps);
+        for nonsense in [f64::NAN, f64::INFINITY, 0.0, -2.0] {
+            assert_eq!(
+                cpu_slot(1 << 30, nonsense).hbm_gbps,
+                one.hbm_gbps,
+                "{nonsense}"
+            );
+        }
         assert!(lookup("CPU").is_err());
     }
 

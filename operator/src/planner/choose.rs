@@ -75,10 +75,6 @@ impl Candidate<'_> {
     fn gpus(&self) -> u32 {
         self.tp * self.pp
     }
-
-    fn key(&self) -> (usize, u32, u32) {
-        (catalog::index_of(self.gpu), self.tp, self.pp)
-    }
 }
 
 /// The nodes of one GPU model, and the links the planner assumes for them.
@@ -152,6 +148,7 @@ pub(crate) fn plan(
     };
     let place_groups = req.replicas.max(1);
 
+    // In (catalog, TP, PP) order: the stable sorts below keep it for ties.
     let mut options: Vec<Candidate<'_>> = Vec::new();
     for mn in &by_model {
         let total: u64 = mn.free.iter().map(|&f| u64::from(f)).sum();
@@ -211,12 +208,11 @@ pub(crate) fn plan(
             };
             let (ra, rb) = (rank(oa, a), rank(ob, b));
             let by_rank = ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1));
-            let first = if req.objective == Objective::MinGpus {
+            if req.objective == Objective::MinGpus {
                 oa.gpus().cmp(&ob.gpus()).then(by_rank)
             } else {
                 by_rank.then(oa.gpus().cmp(&ob.gpus()))
-            };
-            first.then(oa.key().cmp(&ob.key()))
+            }
         });
         rest
     };
@@ -411,8 +407,9 @@ fn failure_key(o: &Candidate<'_>, f: &Failure) -> f64 {
     }
 }
 
-/// Orders fitting options, best first, by the objective; ties go to fewer GPUs, lower TP,
-/// fewer stages, then catalog order — so the choice is deterministic.
+/// Orders fitting options, best first, by the objective; ties go to fewer GPUs. Options are
+/// generated in (catalog, TP, PP) order and every sort here is stable, so remaining ties keep
+/// that order and the choice is deterministic.
 fn compare(objective: Objective, a: &Candidate<'_>, b: &Candidate<'_>) -> Ordering {
     let (fa, fb) = match (&a.outcome, &b.outcome) {
         (Ok(fa), Ok(fb)) => (fa, fb),
@@ -421,12 +418,11 @@ fn compare(objective: Objective, a: &Candidate<'_>, b: &Candidate<'_>) -> Orderi
     let gpus = a.gpus().cmp(&b.gpus());
     let tput = fb.tokens_per_s.total_cmp(&fa.tokens_per_s);
     let latency = fa.period_s.total_cmp(&fb.period_s);
-    let primary = match objective {
+    match objective {
         Objective::MinGpus => gpus.then(tput),
         Objective::MaxThroughput => tput.then(gpus),
         Objective::MinLatency => latency.then(gpus),
-    };
-    primary.then(a.key().cmp(&b.key()))
+    }
 }
 
 fn fit_reason(
@@ -644,7 +640,6 @@ fn nothing_fits(
         fa.rank()
             .cmp(&fb.rank())
             .then(failure_key(a, fa).total_cmp(&failure_key(b, fb)))
-            .then(a.key().cmp(&b.key()))
     });
     let pool = by_model
         .iter()
@@ -698,3 +693,7 @@ fn nothing_fits(
         .collect();
     PlanError::NothingFits { message, rejected }
 }
+
+#[cfg(test)]
+#[path = "choose_tests.rs"]
+mod tests;

@@ -164,6 +164,123 @@ mod tests {
         assert_eq!(pipeline_period_s(4, &[1.0, 1.0], &[0.5]), 4.0);
     }
 
+    /// A model small enough to work the roofline out by hand.
+    fn tiny() -> Model {
+        Model {
+            name: "tiny".into(),
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            vocab: 100,
+            max_context: 1000,
+            tied: false,
+        }
+    }
+
+    fn gpu(hbm_gbps: f64, bf16_tflops: f64) -> GpuSpec {
+        GpuSpec {
+            short_name: "test",
+            memory_gib: 1.0,
+            hbm_gbps,
+            bf16_tflops,
+            nvlink_gbps: 900.0,
+            pcie_gbps: 128.0,
+            labels: &[],
+        }
+    }
+
+    fn close(got: f64, want: f64) -> bool {
+        (got - want).abs() <= want.abs() * 1e-9
+    }
+
+    #[test]
+    fn a_decode_step_costs_what_the_roofline_says_by_hand() {
+        // TP 2, both layers, first and last stage, bf16, 3 sequences, context 1000 (500 average).
+        // Weights per rank: a layer is 2·64·2·16 (Q, O) + 2·64·1·16 (K, V) + 3·64·48 (MLP) + 2·64
+        // (norms) = 15,488 params, 61,952 bytes for two; the head is 100·64/2 + 64 params = 6,528
+        // bytes. KV read: 2 · 2 layers · 1 head · 16 · 2 bytes · 500 · 3 = 192,000 bytes.
+        // FLOPs: 2 · 34,240 params · 3 + 4 · 2 layers · 2 heads · 16 · 500 · 3 = 589,440.
+        // All-reduce of 3 · 64 · 2 = 384 bytes over two ranks: 1 ms + 384 B / 1 GB/s, twice per layer.
+        let m = tiny();
+        let shape = StageShape {
+            tp: 2,
+            pp: 1,
+            layers: 2,
+            first: true,
+            last: true,
+        };
+        let link = Link {
+            gbytes_per_s: 1.0,
+            latency_s: 1e-3,
+        };
+        let comm = 4.0 * (1e-3 + 384.0 / 1e9);
+        for (gpu, want) in [
+            // 1 GB/s and 1 TFLOPS: reading 260,480 bytes bounds the step.
+            (gpu(1.0, 1.0), 260_480.0 / 1e9 + comm),
+            // 1 TB/s and 1 MFLOPS: the FLOPs do.
+            (gpu(1000.0, 1e-6), 589_440.0 / 1e6 + comm),
+        ] {
+            let c = CostInputs {
+                model: &m,
+                dtype: WeightDtype::Bf16,
+                gpu: &gpu,
+                kv_bytes: 2,
+                max_context: 1000,
+                batch: 3,
+            };
+            let got = stage_step_s(&c, shape, 3, link);
+            assert!(close(got, want), "{got} vs {want}");
+        }
+        assert_eq!(handoff_bytes(&m, 3), 384.0);
+    }
+
+    #[test]
+    fn links_micro_batches_and_the_pipeline_period_by_hand() {
+        let g = gpu(1.0, 1.0);
+        assert_eq!(
+            Link::nvlink(&g),
+            Link {
+                gbytes_per_s: 450.0,
+                latency_s: 8e-6
+            }
+        );
+        assert_eq!(
+            Link::pcie(&g),
+            Link {
+                gbytes_per_s: 64.0,
+                latency_s: 20e-6
+            }
+        );
+        for (net, latency_s) in [
+            (InterNodeNetwork::InfiniBand, 15e-6),
+            (InterNodeNetwork::RoCE, 20e-6),
+            (InterNodeNetwork::Ethernet, 60e-6),
+        ] {
+            assert_eq!(
+                Link::network(net, 400.0),
+                Link {
+                    gbytes_per_s: 50.0,
+                    latency_s
+                }
+            );
+        }
+        let ib = Link::network(InterNodeNetwork::InfiniBand, 400.0);
+        assert!(close(ib.send_s(1e9), 15e-6 + 0.02));
+        let plain = Link {
+            gbytes_per_s: 1.0,
+            latency_s: 1e-3,
+        };
+        // A ring all-reduce moves 2 (r - 1) / r of the bytes: 1.5 GB over 4 ranks.
+        assert!(close(plain.all_reduce_s(1e9, 4), 1e-3 + 1.5));
+        assert_eq!(micro_batches(3, 2), (2, 1));
+        assert_eq!(micro_batches(4, 10), (4, 3));
+        assert_eq!(micro_batches(2, 0), (1, 0));
+        assert_eq!(pipeline_period_s(3, &[1.0, 2.0, 0.5], &[0.25, 0.25]), 6.0);
+        assert_eq!(pipeline_period_s(1, &[1.0, 2.0, 0.5], &[0.25, 0.25]), 4.0);
+    }
+
     #[test]
     fn all_reduce_of_one_rank_is_free() {
         let l = Link::network(InterNodeNetwork::Ethernet, 25.0);

@@ -224,6 +224,128 @@ mod tests {
         assert_eq!(last.embedding, 0.0);
     }
 
+    /// 2 layers, hidden 64, 4 heads of 16, 2 KV heads, FFN 96, vocabulary 100.
+    fn tiny(tied: bool) -> Model {
+        Model {
+            name: "tiny".into(),
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            vocab: 100,
+            max_context: 1000,
+            tied,
+        }
+    }
+
+    fn stage(tp: u32, pp: u32, first: bool, last: bool) -> StageShape {
+        StageShape {
+            tp,
+            pp,
+            layers: 2,
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn weights_per_rank_by_hand() {
+        let m = tiny(false);
+        // Q and O 2·64·(4/TP)·16, K and V 2·64·max(2/TP, 1)·16, MLP 3·64·96/TP, norms 2·64.
+        assert_eq!(layer_params_per_rank(&m, 1), 8192 + 4096 + 18432 + 128);
+        assert_eq!(layer_params_per_rank(&m, 2), 4096 + 2048 + 9216 + 128);
+        assert_eq!(layer_params_per_rank(&m, 4), 2048 + 2048 + 4608 + 128);
+        // bf16, TP 2: layers 2·15,488·2 bytes; embedding 100·64/2·2; head the same plus the norm.
+        let w = stage_weights(&m, WeightDtype::Bf16, stage(2, 1, true, true));
+        assert_eq!(
+            w,
+            StageWeights {
+                layers: 61_952.0,
+                embedding: 6_400.0,
+                head: 6_528.0
+            }
+        );
+        assert_eq!(w.total(), 74_880.0);
+        let q = stage_weights(&m, WeightDtype::Q4_1, stage(2, 1, true, true));
+        assert_eq!(q.layers, 61_952.0 / 2.0 * 0.625);
+        // Middle stages hold neither end; the first no head, the last no embedding.
+        let mid = stage_weights(&m, WeightDtype::Bf16, stage(2, 3, false, false));
+        assert_eq!((mid.embedding, mid.head), (0.0, 0.0));
+        let first = stage_weights(&m, WeightDtype::Bf16, stage(2, 2, true, false));
+        assert_eq!((first.embedding, first.head), (6_400.0, 0.0));
+        // Tied: the head is the embedding (only the norm is extra) unless another stage holds it.
+        let t = tiny(true);
+        assert_eq!(
+            stage_weights(&t, WeightDtype::Bf16, stage(2, 1, true, true)).head,
+            128.0
+        );
+        let last = stage_weights(&t, WeightDtype::Bf16, stage(2, 2, false, true));
+        assert_eq!((last.embedding, last.head), (0.0, 6_528.0));
+    }
+
+    #[test]
+    fn kv_cache_and_activations_by_hand() {
+        let m = tiny(false);
+        // 2 · 2 layers · 1 KV head · 16 · 2 bytes · 1000 · 3.
+        assert_eq!(
+            kv_cache_bytes(&m, stage(2, 1, true, true), 2, 1000, 3),
+            384_000
+        );
+        assert_eq!(
+            kv_cache_bytes(&m, stage(2, 1, true, true), 2, 1 << 31, 1 << 31),
+            MAX_PART_BYTES
+        );
+        // Per token at TP 2: residual and normed input 2·64, Q and attention output 2·32, K and
+        // V 2·16, gate and up 2·48 = 320 elements of 2 bytes; tokens = min(context, 2048) or
+        // the sequences if more; logits 3 sequences · 50 · 4 bytes on the last stage.
+        let act = |s, ctx, seqs| activation_bytes(&m, s, ctx, seqs);
+        assert_eq!(act(stage(2, 1, true, true), 1000, 3), 640_000 + 600);
+        assert_eq!(act(stage(2, 2, true, false), 1000, 3), 640_000);
+        assert_eq!(act(stage(2, 1, true, true), 5000, 3), 2048 * 640 + 600);
+        assert_eq!(
+            act(stage(2, 1, true, true), 1000, 3000),
+            3000 * 640 + 600_000
+        );
+        let empty = StageShape {
+            layers: 0,
+            ..stage(2, 2, false, false)
+        };
+        assert_eq!(act(empty, 1000, 3), 0);
+        let head_only = StageShape {
+            layers: 0,
+            ..stage(2, 2, false, true)
+        };
+        assert_eq!(act(head_only, 1000, 3), 640_600);
+        assert_eq!(overhead_bytes(1, 1), RUNTIME_OVERHEAD_BYTES);
+        assert_eq!(
+            overhead_bytes(2, 1),
+            RUNTIME_OVERHEAD_BYTES + COMM_OVERHEAD_BYTES
+        );
+        assert_eq!(
+            overhead_bytes(1, 2),
+            RUNTIME_OVERHEAD_BYTES + COMM_OVERHEAD_BYTES
+        );
+        let b = stage_memory(
+            &m,
+            WeightDtype::Bf16,
+            stage(2, 1, true, true),
+            2,
+            1000,
+            3,
+            1 << 32,
+        );
+        assert_eq!(
+            (b.weights, b.kv_cache, b.activations, b.usable),
+            (74_880, 384_000, 640_600, 1 << 32)
+        );
+        assert_eq!(
+            b.total,
+            74_880 + 384_000 + 640_600 + (RUNTIME_OVERHEAD_BYTES + COMM_OVERHEAD_BYTES) as i64
+        );
+        assert_eq!(gib((3u64 << 30) as f64), 3.0);
+    }
+
     #[test]
     fn kv_cache_follows_the_formula() {
         let m = preset("llama-3.1-8b").expect("preset");

@@ -4,9 +4,9 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -125,30 +125,33 @@ impl Cluster {
 
     /// A kube client as admin.
     pub async fn client(&self) -> Client {
-        let kc = Kubeconfig::read_from(self.server.kubeconfig()).expect("kubeconfig parses");
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .expect("config");
+        Client::try_from(self.config().await).expect("client")
+    }
+
+    /// A kube client as admin that does not retry 429s (an eviction refused by a disruption
+    /// budget is an answer, not a hint to try again).
+    pub async fn client_without_retries(&self) -> Client {
+        let mut config = self.config().await;
+        config.default_retry = false;
         Client::try_from(config).expect("client")
     }
 
-    /// Runs kubectl (admin) with `args`, feeding `stdin`.
+    async fn config(&self) -> kube::Config {
+        let kc = Kubeconfig::read_from(self.server.kubeconfig()).expect("kubeconfig parses");
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("config")
+    }
+
+    /// Runs kubectl (admin) with `args`, feeding `stdin`; fails the test after 5 minutes.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new("kubectl")
-            .env("KUBECONFIG", self.server.kubeconfig())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl runs (is it installed?)");
-        if let Some(input) = stdin
-            && let Some(mut s) = child.stdin.take()
-        {
-            s.write_all(input.as_bytes()).expect("kubectl stdin");
-        }
-        drop(child.stdin.take());
-        child.wait_with_output().expect("kubectl finishes")
+        whaleflux_e2e::output_within(
+            Command::new("kubectl")
+                .env("KUBECONFIG", self.server.kubeconfig())
+                .args(args),
+            stdin,
+            Duration::from_secs(300),
+        )
     }
 
     /// kubectl that must succeed; returns its standard output.
@@ -389,4 +392,55 @@ impl Cluster {
             .map(String::from)
             .collect()
     }
+}
+
+/// The A records of `name` from the DNS server at `server` (one UDP query, as a pod's resolver
+/// would send it; the e2e cluster has no Service VIPs, its DNS answers with the ready pods).
+pub fn dns_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
+    let id: u16 = rand::random();
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).expect("short label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("UDP socket");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.send_to(&q, server).expect("DNS query sent");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("DNS answer");
+    let r = &buf[..n];
+    assert!(
+        n >= 12 && r[..2] == id.to_be_bytes(),
+        "bad DNS answer {r:?}"
+    );
+    if r[3] & 0x0f != 0 {
+        return Vec::new(); // NXDOMAIN or another error: no address
+    }
+    let answers = u16::from_be_bytes([r[6], r[7]]);
+    // Skip the header and the echoed question: the same bytes as the query.
+    let mut i = q.len();
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        // A name (a compression pointer or labels), then type, class, TTL, length, data.
+        if r[i] & 0xc0 == 0xc0 {
+            i += 2;
+        } else {
+            while r[i] != 0 {
+                i += 1 + r[i] as usize;
+            }
+            i += 1;
+        }
+        let rtype = u16::from_be_bytes([r[i], r[i + 1]]);
+        let len = u16::from_be_bytes([r[i + 8], r[i + 9]]) as usize;
+        i += 10;
+        if rtype == 1 && len == 4 {
+            out.push(Ipv4Addr::new(r[i], r[i + 1], r[i + 2], r[i + 3]));
+        }
+        i += len;
+    }
+    out
 }

@@ -91,21 +91,11 @@ pub fn assert_legal(req: &PlanRequest, pool: &Pool, plan: &Plan, now: Timestamp)
     assert!(kv_heads_per_rank(m, tp) >= 1);
     assert!(plan.estimate.decode_tokens_per_second > 0.0);
     assert!(plan.estimate.time_per_token_ms > 0.0);
-    // Placement: every group, every node usable and not over-committed.
+    // Placement: every part of every stage of every group is a known, Ready, unquarantined
+    // node, named once per stage, and the GPUs can be handed out without over-committing any
+    // node (the plan records which nodes a stage uses, not how many GPUs each gives: a flow).
     assert_eq!(plan.groups.len() as u32, req.replicas);
-    let mut used: std::collections::BTreeMap<&str, i32> = Default::default();
-    for g in &plan.groups {
-        assert_eq!(g.nodes.len() as u32, pp);
-        for stage_nodes in &g.nodes {
-            let parts: Vec<&str> = stage_nodes.split('+').collect();
-            // A stage spans nodes only in a plan that says it crosses nodes.
-            assert!(parts.len() == 1 || plan.crosses_nodes, "{stage_nodes}");
-            if !plan.crosses_nodes {
-                *used.entry(parts[0]).or_default() += plan.tensor_parallel;
-            }
-        }
-    }
-    for (name, n) in used {
+    let free = |name: &str| -> i32 {
         let node = pool
             .nodes
             .iter()
@@ -116,11 +106,111 @@ pub fn assert_legal(req: &PlanRequest, pool: &Pool, plan: &Plan, now: Timestamp)
             node.quarantined_until.as_ref().is_none_or(|t| t.0 <= now),
             "{name} is quarantined"
         );
-        assert!(
-            n <= node.allocatable.min(node.gpu_count),
-            "{name} over-committed: {n}"
-        );
+        node.allocatable.min(node.gpu_count)
+    };
+    let mut stages: Vec<Vec<String>> = Vec::new();
+    for g in &plan.groups {
+        assert_eq!(g.nodes.len() as u32, pp);
+        for s in &g.nodes {
+            let parts: Vec<String> = s.split('+').map(String::from).collect();
+            // A stage spans nodes only in a plan that says it crosses nodes.
+            assert!(parts.len() == 1 || plan.crosses_nodes, "{s}");
+            let mut uniq = parts.clone();
+            uniq.sort();
+            uniq.dedup();
+            assert_eq!(uniq.len(), parts.len(), "{s} names a node twice");
+            assert!(
+                parts.len() as i32 <= plan.tensor_parallel,
+                "{s}: more nodes than GPUs"
+            );
+            stages.push(parts);
+        }
     }
+    if let Some(g0) = plan.groups.first() {
+        let s: Vec<&str> = plan.stages.iter().map(|s| s.node.as_str()).collect();
+        assert_eq!(g0.nodes.iter().map(String::as_str).collect::<Vec<_>>(), s);
+    }
+    // Each part gives at least one GPU; the rest of each stage's TP is a flow to its parts.
+    let mut cap: std::collections::BTreeMap<String, i32> = Default::default();
+    for parts in &stages {
+        for p in parts {
+            *cap.entry(p.clone()).or_insert_with(|| free(p)) -= 1;
+        }
+    }
+    for (n, c) in &cap {
+        assert!(*c >= 0, "{n} over-committed");
+    }
+    let demand: Vec<i32> = stages
+        .iter()
+        .map(|p| plan.tensor_parallel - p.len() as i32)
+        .collect();
+    assert!(
+        assignable(&stages, &demand, &cap),
+        "GPUs over-committed: {:?}",
+        plan.groups
+    );
+}
+
+/// Whether every stage `s` can take `demand[s]` more GPUs from its nodes without any node
+/// giving more than `cap` (max flow by augmenting paths; the pools in tests are small).
+fn assignable(
+    stages: &[Vec<String>],
+    demand: &[i32],
+    cap: &std::collections::BTreeMap<String, i32>,
+) -> bool {
+    let nodes: Vec<&String> = cap.keys().collect();
+    let mut left: Vec<i32> = nodes.iter().map(|n| cap[*n]).collect();
+    // flow[s][n]: GPUs stage s takes from node n beyond its first.
+    let mut flow = vec![vec![0i32; nodes.len()]; stages.len()];
+    let index = |name: &String| nodes.iter().position(|n| *n == name).unwrap_or(0);
+    // One unit at a time: find a path stage -> node (-> stage already using it -> node)*.
+    fn augment(
+        s: usize,
+        stages: &[Vec<usize>],
+        left: &mut [i32],
+        flow: &mut [Vec<i32>],
+        seen: &mut [bool],
+    ) -> bool {
+        for &n in &stages[s] {
+            if seen[n] {
+                continue;
+            }
+            seen[n] = true;
+            if left[n] > 0 {
+                left[n] -= 1;
+                flow[s][n] += 1;
+                return true;
+            }
+            // Node full: move one unit of another stage off it, if that stage can go elsewhere.
+            for other in 0..stages.len() {
+                if flow[other][n] > 0 && augment(other, stages, left, flow, seen) {
+                    flow[other][n] -= 1;
+                    flow[s][n] += 1;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    let by_index: Vec<Vec<usize>> = stages
+        .iter()
+        .map(|p| p.iter().map(index).collect())
+        .collect();
+    for (s, d) in demand.iter().enumerate() {
+        for _ in 0..*d {
+            let mut seen = vec![false; nodes.len()];
+            if !augment(s, &by_index, &mut left, &mut flow, &mut seen) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Runs `cmd` to completion like `Command::output`, failing the test when it takes longer than
+/// `limit` (see [`whaleflux_e2e::output_within`]).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    whaleflux_e2e::output_within(cmd, None, limit)
 }
 
 /// The SmolLM2 GGUF the workers load, from `$WHALEFLUX_TEST_MODEL`.
@@ -187,10 +277,16 @@ impl Run {
 
     /// Starts with `tmp` as TMPDIR, where `whaleflux run` keeps its run folder.
     pub fn start_in(args: &[&str], tmp: &Path) -> Self {
+        Self::start_with(args, tmp, &[])
+    }
+
+    /// Starts with `tmp` as TMPDIR and extra environment variables.
+    pub fn start_with(args: &[&str], tmp: &Path, envs: &[(&str, &str)]) -> Self {
         let mut child = whaleflux()
             .arg("run")
             .args(args)
             .env("TMPDIR", tmp)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

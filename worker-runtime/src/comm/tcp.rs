@@ -661,12 +661,61 @@ mod tests {
     #[test]
     fn a_peer_without_the_secret_is_refused_and_named() {
         let res = mesh(2, &["right", "wrong"]);
-        let err = res
-            .into_iter()
-            .find_map(|r| r.err())
-            .expect("someone must fail");
-        let msg = err.to_string();
-        assert!(msg.contains("stage 0 TP rank"), "{msg}");
+        // Rank 1 (wrong secret) dials rank 0 and refuses its proof, naming it and why.
+        match res[1].as_ref().err() {
+            Some(CommError::Connect { peer, reason, .. }) => {
+                assert_eq!(*peer, rank(0));
+                assert!(
+                    reason.contains("does not know the group secret"),
+                    "{reason}"
+                );
+            }
+            other => panic!(
+                "rank 1 must refuse rank 0's proof, got {:?}",
+                other.map(|e| e.to_string())
+            ),
+        }
+        // Rank 0 admits nobody: rank 1 never dialled in with a valid proof.
+        match res[0].as_ref().err() {
+            Some(CommError::NoDialIn { peer, .. }) => assert_eq!(*peer, rank(1)),
+            other => panic!(
+                "rank 0 must not admit rank 1, got {:?}",
+                other.map(|e| e.to_string())
+            ),
+        }
+    }
+
+    /// A dialer that says the right hello but cannot prove the secret is refused by the
+    /// listener (the check an honest dialer with a wrong secret never reaches).
+    #[test]
+    fn the_listener_refuses_a_dialer_that_cannot_prove_the_secret() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let rogue = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut hello = MAGIC.to_vec();
+            hello.push(VERSION);
+            hello.extend_from_slice(&0i32.to_le_bytes());
+            hello.extend_from_slice(&0u32.to_le_bytes());
+            hello.extend_from_slice(&1u32.to_le_bytes());
+            hello.extend_from_slice(&[7u8; NONCE]);
+            s.write_all(&hello).expect("hello");
+            let mut reply = [0u8; NONCE + 32];
+            s.read_exact(&mut reply).expect("the listener's proof");
+            s.write_all(&[0u8; 32]).expect("a made-up proof");
+            let mut ok = [0u8; 1];
+            s.read(&mut ok).map(|n| (n, ok[0])).ok()
+        });
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let err = handshake_accept(&mut s, &opts("right")).expect_err("a made-up proof");
+        assert!(err.contains("does not know the group secret"), "{err}");
+        drop(s);
+        let told = rogue.join().expect("rogue");
+        assert_ne!(told, Some((1, 1)), "the rogue was told it was admitted");
     }
 
     #[test]

@@ -20,81 +20,114 @@ pub struct QuantActs {
     pub blocks: usize,
 }
 
-/// Whether AVX2, FMA and F16C are available (checked once; every AVX2 CPU has the other two).
-pub fn has_avx2() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Which one-instruction u8×i8 dot the kernels can use on top of AVX2.
+/// A set of kernels. Each is exact to the scalar definition up to float summation order; the
+/// kernels use the best one this CPU has ([`flavour`]), and tests run every one it supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Vnni {
-    /// Neither: `maddubs` + `madd`.
-    None,
-    /// AVX-VNNI (VEX `vpdpbusd`, Intel Alder Lake / Sapphire Rapids and later).
-    Avx,
-    /// AVX512-VNNI with AVX512VL (EVEX `vpdpbusd` on 256-bit registers: Ice Lake, Zen 4), for
-    /// CPUs that have it without AVX-VNNI.
-    Avx512,
+pub enum Flavour {
+    /// Scalar Rust, any CPU: the definition of the arithmetic.
+    Portable,
+    /// AVX2 + FMA + F16C, `maddubs` + `madd` for the u8×i8 dots.
+    Avx2,
+    /// AVX2 with AVX-VNNI (VEX `vpdpbusd`: Intel Alder Lake / Sapphire Rapids and later).
+    AvxVnni,
+    /// AVX2 with AVX512-VNNI and AVX512VL (EVEX `vpdpbusd` on 256-bit registers: Ice Lake,
+    /// Zen 4).
+    Avx512Vnni,
 }
 
-/// The VNNI flavour this CPU has (checked once).
-pub fn vnni() -> Vnni {
-    static F: OnceLock<Vnni> = OnceLock::new();
-    *F.get_or_init(|| {
+impl Flavour {
+    /// Every flavour, portable first.
+    pub const ALL: [Flavour; 4] = [
+        Flavour::Portable,
+        Flavour::Avx2,
+        Flavour::AvxVnni,
+        Flavour::Avx512Vnni,
+    ];
+
+    /// Short name, as logs and test output print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Portable => "portable",
+            Flavour::Avx2 => "avx2",
+            Flavour::AvxVnni => "avx-vnni",
+            Flavour::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Whether this CPU can run the flavour.
+    pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            if !has_avx2() {
-                Vnni::None
-            } else if std::is_x86_feature_detected!("avxvnni") {
-                Vnni::Avx
-            } else if std::is_x86_feature_detected!("avx512vnni")
-                && std::is_x86_feature_detected!("avx512vl")
-            {
-                Vnni::Avx512
-            } else {
-                Vnni::None
+            let avx2 = || {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            };
+            match self {
+                Flavour::Portable => true,
+                Flavour::Avx2 => avx2(),
+                Flavour::AvxVnni => avx2() && std::is_x86_feature_detected!("avxvnni"),
+                Flavour::Avx512Vnni => {
+                    avx2()
+                        && std::is_x86_feature_detected!("avx512vnni")
+                        && std::is_x86_feature_detected!("avx512vl")
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            Vnni::None
+            self == Flavour::Portable
         }
+    }
+
+    fn simd(self) -> bool {
+        self != Flavour::Portable
+    }
+}
+
+/// The flavour the kernels use: AVX-VNNI, else AVX512-VNNI, else AVX2, else portable (checked
+/// once).
+pub fn flavour() -> Flavour {
+    static F: OnceLock<Flavour> = OnceLock::new();
+    *F.get_or_init(|| {
+        [Flavour::AvxVnni, Flavour::Avx512Vnni, Flavour::Avx2]
+            .into_iter()
+            .find(|f| f.supported())
+            .unwrap_or(Flavour::Portable)
     })
 }
 
-/// Calls `avx2::<flavour>::$kernel(args)` for this CPU's VNNI flavour. Callers have checked
-/// [`has_avx2`]; the flavour's extra features are what [`vnni`] detected.
+/// Whether the SIMD (AVX2, FMA, F16C) kernels are in use.
+pub fn has_avx2() -> bool {
+    flavour().simd()
+}
+
+/// Calls `avx2::<flavour>::$kernel(args)` for a SIMD flavour. Callers have checked that the
+/// flavour is SIMD and supported by this CPU.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_vnni {
-    ($kernel:ident $(::<$n:literal>)? ($($arg:expr),* $(,)?)) => {
-        match vnni() {
-            Vnni::Avx => avx2::vnni::$kernel$(::<$n>)?($($arg),*),
-            Vnni::Avx512 => avx2::vnni512::$kernel$(::<$n>)?($($arg),*),
-            Vnni::None => avx2::plain::$kernel$(::<$n>)?($($arg),*),
+    ($fl:expr, $kernel:ident $(::<$n:literal>)? ($($arg:expr),* $(,)?)) => {
+        match $fl {
+            Flavour::AvxVnni => avx2::vnni::$kernel$(::<$n>)?($($arg),*),
+            Flavour::Avx512Vnni => avx2::vnni512::$kernel$(::<$n>)?($($arg),*),
+            Flavour::Avx2 | Flavour::Portable => avx2::plain::$kernel$(::<$n>)?($($arg),*),
         }
     };
 }
 
 /// Quantize `x` (rows of `cols`, a multiple of 32) to 8-bit blocks.
 pub fn quantize_acts(x: &[f32], cols: usize) -> QuantActs {
+    quantize_acts_in(flavour(), x, cols)
+}
+
+/// [`quantize_acts`] with the kernels of `fl` (a flavour this CPU supports).
+fn quantize_acts_in(fl: Flavour, x: &[f32], cols: usize) -> QuantActs {
     let blocks_total = x.len() / 32;
     let mut qs = vec![0i8; x.len()];
     let mut d = vec![0f32; blocks_total];
     let mut s = vec![0f32; blocks_total];
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if fl.simd() {
         // SAFETY: AVX2 was detected at run time (the same code, with SIMD rounding).
         unsafe { quantize_blocks_avx2(x, &mut qs, &mut d, &mut s) };
         return QuantActs {
@@ -152,12 +185,16 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// Dot product of one quantized weight row with activation row `t` of `q`.
 pub fn dot_row(ty: GgmlType, w: &[u8], q: &QuantActs, t: usize) -> f32 {
+    dot_row_in(flavour(), ty, w, q, t)
+}
+
+fn dot_row_in(fl: Flavour, ty: GgmlType, w: &[u8], q: &QuantActs, t: usize) -> f32 {
     let nb = q.blocks;
     let qs = &q.qs[t * nb * 32..(t + 1) * nb * 32];
     let d = &q.d[t * nb..(t + 1) * nb];
     let s = &q.s[t * nb..(t + 1) * nb];
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if fl.simd() {
         // SAFETY: AVX2 and FMA were detected; slices hold `nb` blocks (checked by callers' shapes).
         unsafe {
             return match ty {
@@ -173,9 +210,13 @@ pub fn dot_row(ty: GgmlType, w: &[u8], q: &QuantActs, t: usize) -> f32 {
 
 /// Dot products of four weight rows with activation row `t` (shares each activation load).
 pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 4] {
+    dot_rows4_in(flavour(), ty, w, q, t)
+}
+
+fn dot_rows4_in(fl: Flavour, ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 4] {
     let nb = q.blocks;
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if fl.simd() {
         let qs = &q.qs[t * nb * 32..(t + 1) * nb * 32];
         let d = &q.d[t * nb..(t + 1) * nb];
         let s = &q.s[t * nb..(t + 1) * nb];
@@ -184,24 +225,34 @@ pub fn dot_rows4(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [f32; 
             match ty {
                 GgmlType::Q4_1 | GgmlType::Q4_0 => {
                     let min = ty == GgmlType::Q4_1;
-                    return by_vnni!(dot4_q4(w, qs, d, s, nb, min));
+                    return by_vnni!(fl, dot4_q4(w, qs, d, s, nb, min));
                 }
                 GgmlType::Q8_0 => {
-                    return by_vnni!(dot4_q8_0(w, qs, d, nb));
+                    return by_vnni!(fl, dot4_q8_0(w, qs, d, nb));
                 }
                 _ => {}
             }
         }
     }
-    w.map(|row| dot_row(ty, row, q, t))
+    w.map(|row| dot_row_in(fl, ty, row, q, t))
 }
 
 /// Four Q4_0/Q4_1 weight rows against activation rows `t` and `t + 1` (prefill: each weight
 /// block is unpacked once for two tokens). Returns `[token][row]`.
 pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f32; 4]; 2] {
+    dot_rows4x2_in(flavour(), ty, w, q, t)
+}
+
+fn dot_rows4x2_in(
+    fl: Flavour,
+    ty: GgmlType,
+    w: [&[u8]; 4],
+    q: &QuantActs,
+    t: usize,
+) -> [[f32; 4]; 2] {
     let nb = q.blocks;
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+    if fl.simd() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
         let qs = &q.qs[t * nb * 32..(t + 2) * nb * 32];
         let d = &q.d[t * nb..(t + 2) * nb];
         let s = &q.s[t * nb..(t + 2) * nb];
@@ -209,8 +260,8 @@ pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f3
         // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
         let (lo, hi) = unsafe {
             (
-                by_vnni!(dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, min)),
-                by_vnni!(dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, min)),
+                by_vnni!(fl, dot_rx2_q4::<2>([w[0], w[1]], qs, d, s, nb, min)),
+                by_vnni!(fl, dot_rx2_q4::<2>([w[2], w[3]], qs, d, s, nb, min)),
             )
         };
         return [
@@ -218,7 +269,10 @@ pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f3
             [lo[1][0], lo[1][1], hi[1][0], hi[1][1]],
         ];
     }
-    [dot_rows4(ty, w, q, t), dot_rows4(ty, w, q, t + 1)]
+    [
+        dot_rows4_in(fl, ty, w, q, t),
+        dot_rows4_in(fl, ty, w, q, t + 1),
+    ]
 }
 
 /// Portable kernel; also the definition the SIMD kernels must match.
@@ -604,76 +658,85 @@ mod tests {
             .collect()
     }
 
-    /// The multi-row and two-token kernels (plain AVX2 and VNNI alike) agree with the scalar one.
+    /// Every kernel flavour this CPU supports, through the one-row, four-row and two-token
+    /// paths with activations quantized by that flavour, against the f32 reference (dequantized
+    /// weights times unquantized activations) and against the scalar definition. Prints which
+    /// flavours ran; a supported flavour that did not run fails.
     #[test]
-    fn tiled_kernels_match_scalar() {
+    fn every_supported_flavour_matches_the_f32_reference() {
         let cols = 320;
         let x = data(2 * cols, 1);
-        let q = quantize_acts(&x, cols);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let rows: Vec<Vec<u8>> = (0..4)
-                .map(|r| quantize_row(ty, &data(cols, 10 + r)))
-                .collect();
-            let w = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
-            let scalar = |r: usize, t: usize| {
+        let mut ran = Vec::new();
+        for fl in Flavour::ALL.into_iter().filter(|f| f.supported()) {
+            let q = quantize_acts_in(fl, &x, cols);
+            let portable = quantize_acts_in(Flavour::Portable, &x, cols);
+            assert_eq!(q.qs, portable.qs, "{}: quantized activations", fl.name());
+            assert_eq!(q.d, portable.d, "{}: block scales", fl.name());
+            for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|r| quantize_row(ty, &data(cols, 10 + r)))
+                    .collect();
+                let w = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
                 let nb = q.blocks;
-                scalar_dot(
-                    ty,
-                    w[r],
-                    &q.qs[t * nb * 32..(t + 1) * nb * 32],
-                    &q.d[t * nb..(t + 1) * nb],
-                    &q.s[t * nb..(t + 1) * nb],
-                    nb,
-                )
-            };
-            let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + b.abs());
-            let four = dot_rows4(ty, w, &q, 1);
-            let pair = dot_rows4x2(ty, w, &q, 0);
-            for r in 0..4 {
-                assert!(close(four[r], scalar(r, 1)), "{ty:?} rows4 [{r}]");
-                for (t, pt) in pair.iter().enumerate() {
-                    assert!(close(pt[r], scalar(r, t)), "{ty:?} rows4x2 [{t}][{r}]");
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() && ty == GgmlType::Q8_0 {
-                // SAFETY: AVX2/FMA detected; VNNI checked before use.
-                let plain = unsafe { avx2::plain::dot4_q8_0(w, &q.qs, &q.d, q.blocks) };
-                let vnni = (vnni() != Vnni::None)
-                    .then(|| unsafe { by_vnni!(dot4_q8_0(w, &q.qs, &q.d, q.blocks)) });
-                for r in 0..4 {
-                    assert!(close(plain[r], scalar(r, 0)), "Q8_0 plain [{r}]");
-                    if let Some(v) = vnni {
-                        assert!(close(v[r], scalar(r, 0)), "Q8_0 vnni [{r}]");
-                    }
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() && ty != GgmlType::Q8_0 {
-                let min = ty == GgmlType::Q4_1;
-                let nb = q.blocks;
-                let (qs, d, s) = (&q.qs[..], &q.d[..], &q.s[..]);
-                // SAFETY: AVX2/FMA detected; VNNI checked below before use.
-                let plain = unsafe { avx2::plain::dot4_q4(w, qs, d, s, nb, min) };
-                let plain2 = unsafe { avx2::plain::dot_rx2_q4::<4>(w, qs, d, s, nb, min) };
-                for r in 0..4 {
-                    assert!(close(plain[r], scalar(r, 0)), "{ty:?} plain [{r}]");
-                    assert!(close(plain2[1][r], scalar(r, 1)), "{ty:?} plain x2 [{r}]");
-                }
-                // SAFETY: each VNNI flavour only where detected.
-                let v = (vnni() != Vnni::None).then(|| unsafe {
-                    (
-                        by_vnni!(dot4_q4(w, qs, d, s, nb, min)),
-                        by_vnni!(dot_rx2_q4::<4>(w, qs, d, s, nb, min)),
+                let scalar = |r: usize, t: usize| {
+                    scalar_dot(
+                        ty,
+                        w[r],
+                        &q.qs[t * nb * 32..(t + 1) * nb * 32],
+                        &q.d[t * nb..(t + 1) * nb],
+                        &q.s[t * nb..(t + 1) * nb],
+                        nb,
                     )
-                });
-                if let Some((v, v2)) = v {
-                    for r in 0..4 {
-                        assert!(close(v[r], scalar(r, 0)), "{ty:?} vnni [{r}]");
-                        assert!(close(v2[1][r], scalar(r, 1)), "{ty:?} vnni x2 [{r}]");
+                };
+                // The f32 truth: dequantized weights, activations as they were.
+                let reference = |r: usize, t: usize| {
+                    let mut deq = vec![0f32; cols];
+                    crate::backend::cpu::dequantize_row(ty, w[r], &mut deq);
+                    deq.iter()
+                        .zip(&x[t * cols..(t + 1) * cols])
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum::<f64>() as f32
+                };
+                let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + b.abs());
+                let near = |a: f32, b: f32| (a - b).abs() <= 0.02 * (1.0 + b.abs()) + 0.05;
+                let one: Vec<f32> = (0..4).map(|r| dot_row_in(fl, ty, w[r], &q, 1)).collect();
+                let four = dot_rows4_in(fl, ty, w, &q, 1);
+                let pair = dot_rows4x2_in(fl, ty, w, &q, 0);
+                let name = fl.name();
+                for r in 0..4 {
+                    for (what, got, t) in [
+                        ("row", one[r], 1),
+                        ("rows4", four[r], 1),
+                        ("rows4x2[0]", pair[0][r], 0),
+                        ("rows4x2[1]", pair[1][r], 1),
+                    ] {
+                        assert!(
+                            close(got, scalar(r, t)),
+                            "{name} {ty:?} {what} [{r}]: {got} vs scalar {}",
+                            scalar(r, t)
+                        );
+                        assert!(
+                            near(got, reference(r, t)),
+                            "{name} {ty:?} {what} [{r}]: {got} vs f32 {}",
+                            reference(r, t)
+                        );
                     }
                 }
             }
+            ran.push(fl);
         }
+        let supported: Vec<Flavour> = Flavour::ALL.into_iter().filter(|f| f.supported()).collect();
+        eprintln!(
+            "kernel flavours run: {}; not supported by this CPU: {}",
+            ran.iter().map(|f| f.name()).collect::<Vec<_>>().join(", "),
+            Flavour::ALL
+                .iter()
+                .filter(|f| !f.supported())
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert_eq!(ran, supported, "a flavour this CPU supports did not run");
+        assert!(ran.contains(&flavour()), "the flavour in use ran");
     }
 }

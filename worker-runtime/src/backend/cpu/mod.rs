@@ -6,7 +6,9 @@ mod kernels;
 mod ops;
 mod pool;
 
-pub use kernels::{QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, has_avx2, quantize_acts};
+pub use kernels::{
+    Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, flavour, has_avx2, quantize_acts,
+};
 pub use ops::{
     AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, rope, silu, swiglu, swiglu_fast,
 };
@@ -183,11 +185,11 @@ fn rows_per_task(rows: usize, threads: usize) -> usize {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        match kernels::vnni() {
-            kernels::Vnni::Avx => "cpu-avx2-vnni",
-            kernels::Vnni::Avx512 => "cpu-avx2-avx512vnni",
-            kernels::Vnni::None if has_avx2() => "cpu-avx2",
-            kernels::Vnni::None => "cpu-scalar",
+        match kernels::flavour() {
+            kernels::Flavour::AvxVnni => "cpu-avx2-vnni",
+            kernels::Flavour::Avx512Vnni => "cpu-avx2-avx512vnni",
+            kernels::Flavour::Avx2 => "cpu-avx2",
+            kernels::Flavour::Portable => "cpu-scalar",
         }
     }
 

@@ -195,24 +195,39 @@ mod tests {
 
     #[test]
     fn every_index_runs_exactly_once_across_many_dispatches() {
-        for threads in [1, 2, 3] {
+        for threads in [1, 2, 3, 4] {
             let pool = Pool::new(threads).expect("pool");
-            let hits: Vec<AtomicUsize> = (0..97).map(|_| AtomicUsize::new(0)).collect();
-            for round in 0..500 {
-                let n = 1 + round % 97;
+            // Each dispatch on its own counters, one extra slot catching an index >= n; read
+            // as soon as run() returns, which must mean every call has finished.
+            let check = |n: usize, what: &str| {
+                let hits: Vec<AtomicUsize> = (0..=n).map(|_| AtomicUsize::new(0)).collect();
                 pool.run(n, &|i| {
-                    hits[i].fetch_add(1, Ordering::Relaxed);
+                    hits[i.min(n)].fetch_add(1, Ordering::Relaxed);
                 });
+                for (i, h) in hits[..n].iter().enumerate() {
+                    assert_eq!(
+                        h.load(Ordering::Relaxed),
+                        1,
+                        "{what}: {threads} threads, {n} items: index {i}"
+                    );
+                }
+                assert_eq!(
+                    hits[n].load(Ordering::Relaxed),
+                    0,
+                    "{what}: an index >= {n} ran"
+                );
+            };
+            for round in 0..500 {
+                check(1 + round % 97, "busy");
             }
-            let total: usize = hits.iter().map(|h| h.load(Ordering::Relaxed)).sum();
-            assert_eq!(total, (0..500).map(|r| 1 + r % 97).sum::<usize>());
-            // Idle long enough for workers to park, then dispatch again.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let count = AtomicUsize::new(0);
-            pool.run(10, &|_| {
-                count.fetch_add(1, Ordering::Relaxed);
-            });
-            assert_eq!(count.load(Ordering::Relaxed), 10);
+            // Wait until the workers have parked (no sleep: their own count says so), then
+            // dispatch again: parked workers are woken.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while pool.shared.sleepers.load(Ordering::SeqCst) < threads - 1 {
+                assert!(std::time::Instant::now() < deadline, "workers never parked");
+                std::thread::yield_now();
+            }
+            check(10, "after parking");
         }
     }
 
