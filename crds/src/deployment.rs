@@ -283,8 +283,11 @@ pub struct ParallelismSpec {
 /// What the planner optimises among the plans that fit.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Objective {
-    /// Fewest GPUs per replica group that fit, then the best estimated throughput.
+    /// Most estimated decode tokens/s per GPU at the serving concurrency (the least GPU time per
+    /// token); ties go to fewer GPUs, then fewer nodes, then fewer pipeline stages.
     #[default]
+    MaxTokensPerGpu,
+    /// Fewest GPUs per replica group that fit, then the best estimated throughput.
     MinGpus,
     /// Best estimated decode throughput per replica group.
     MaxThroughput,

@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod manifests;
 pub mod plan;
 pub mod pool;
+pub mod split;
 pub mod worker;
 
 pub use deployment::{

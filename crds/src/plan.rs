@@ -109,6 +109,9 @@ pub struct PlanEstimate {
     pub time_per_token_ms: f64,
     /// Estimated generated tokens per second of one replica group at the planned concurrency.
     pub decode_tokens_per_second: f64,
+    /// The same per GPU of the group: what `MaxTokensPerGpu` ranks by.
+    #[serde(default)]
+    pub decode_tokens_per_second_per_gpu: f64,
     /// Sequences decoded together in the estimate (maxConcurrentSequences).
     pub concurrency: i32,
 }

@@ -361,6 +361,7 @@ fn a_status_with_a_plan_round_trips_and_validates() {
         estimate: PlanEstimate {
             time_per_token_ms: 12.5,
             decode_tokens_per_second: 1280.0,
+            decode_tokens_per_second_per_gpu: 160.0,
             concurrency: 16,
         },
         notes: vec!["KV heads split 2 per rank".into()],

@@ -203,8 +203,8 @@ pub fn render_table(plan: &Plan) -> String {
     let _ = writeln!(s, "    time per token      {:.2} ms", e.time_per_token_ms);
     let _ = writeln!(
         s,
-        "    decode throughput   {:.0} tokens/s per replica group",
-        e.decode_tokens_per_second
+        "    decode throughput   {:.0} tokens/s per replica group, {:.0} per GPU",
+        e.decode_tokens_per_second, e.decode_tokens_per_second_per_gpu
     );
     if !plan.notes.is_empty() {
         let _ = writeln!(s);

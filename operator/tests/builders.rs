@@ -238,10 +238,15 @@ fn url_weights_download_into_an_empty_dir() {
         .and_then(|s| s.template.spec.clone())
         .expect("pod");
     let init = &pod.init_containers.as_ref().expect("init container")[0];
-    assert!(
-        init.args
-            .as_ref()
-            .is_some_and(|a| a.contains(&"/models/smol.gguf".to_string()))
+    assert_eq!(
+        serde_json::to_value(init).expect("json"),
+        serde_json::json!({
+            "name": "download-weights",
+            "image": children::DOWNLOAD_IMAGE,
+            "args": ["--fail", "--location", "--retry", "5", "--output", "/models/smol.gguf",
+                     "https://example.com/m/smol.gguf?download=1"],
+            "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+        })
     );
     let model = pod
         .volumes
@@ -260,6 +265,35 @@ fn url_weights_download_into_an_empty_dir() {
         serde_json::from_str(&c.groups[0].config_map.data.as_ref().expect("data")["worker.json"])
             .expect("config");
     assert_eq!(cfg.model.path, "/models/smol/model.gguf");
+}
+
+#[test]
+fn a_plan_without_nodes_pins_no_pod() {
+    // Plans made for `whaleflux run` or before placement name no node: no affinity, rather
+    // than a hostname rule with an empty value.
+    let d = example("smollm2-135m.yaml");
+    let mut plan = fixed_plan("smollm2-135m");
+    plan.groups.clear();
+    for s in &mut plan.stages {
+        s.node.clear();
+    }
+    let c = children::build(&d, &plan, "x").expect("build");
+    let pod = c.groups[0]
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod");
+    assert_eq!(pod.affinity, None);
+    // With a node, the pod is pinned to it.
+    let c = children::build(&d, &fixed_plan("smollm2-135m"), "x").expect("build");
+    let pod = c.groups[0]
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod");
+    assert!(pod.affinity.is_some());
 }
 
 #[test]

@@ -232,7 +232,7 @@ fn illegal_fixed_tp_exits_2_with_one_sentence() {
     assert_eq!(code, 2);
     assert_eq!(
         err,
-        "error: tensor parallel 2 does not divide the 9 attention heads of smollm2-135m; legal: 1, 3, 9\n"
+        "error: smollm2-135m: tensor parallel 2 does not divide the 9 attention heads; legal: 1, 3\n"
     );
 }
 
@@ -302,7 +302,7 @@ fn input_errors_exit_1_naming_the_file() {
                 "--pool".into(),
                 path("tests/fixtures/gpupool-unknown-gpu.yaml"),
             ],
-            vec!["unknown GPU model \"NVIDIA-B200\"", "spec.gpu.model"],
+            vec!["unknown GPU model \"NVIDIA-B300\"", "spec.gpu.model"],
         ),
         (
             vec!["-f".into(), smol, "--gpus".into(), "2x8xB300".into()],

@@ -58,7 +58,7 @@ fn cases() -> Vec<Case> {
             request: with(smol(), Some(2), None, MinGpus),
             pool: gpus("1x4xRTX4090", Ethernet),
             expect: Error(
-                "tensor parallel 2 does not divide the 9 attention heads of smollm2-135m; legal: 1, 3, 9",
+                "smollm2-135m: tensor parallel 2 does not divide the 9 attention heads; legal: 1, 3",
                 true,
             ),
         },
@@ -196,7 +196,7 @@ fn cases() -> Vec<Case> {
             request: smol(),
             pool: fixture_pool("gpupool-unknown-gpu.yaml"),
             expect: Error(
-                "unknown GPU model \"NVIDIA-B200\"; set spec.gpu.model",
+                "unknown GPU model \"NVIDIA-B300\"; set spec.gpu.model",
                 false,
             ),
         },
@@ -410,7 +410,7 @@ fn requests_from_manifests_apply_defaults_and_check_limits() {
             r.dtype,
             r.objective
         ),
-        (4096, 8, 1, WeightDtype::Bf16, Objective::MinGpus)
+        (4096, 8, 1, WeightDtype::Bf16, Objective::MaxTokensPerGpu)
     );
     // The model's whole context is allowed; one token more is not (below).
     let d =
@@ -513,15 +513,15 @@ fn assert_estimate_consistent(p: &whaleflux_crds::Plan) {
 fn notes_say_everything_that_shaped_the_plan() {
     use whaleflux_crds::IntraNodeLink;
     let common = [
-        "the estimate is a cost model (HBM bandwidth, dense BF16 TFLOPS, link bandwidth from the catalog; sequences half full on average), not a measurement",
+        "the estimate is a cost model (75% of HBM bandwidth, 50% of dense BF16 TFLOPS, 20 us per layer, link bandwidth and latency from the catalog; sequences half full on average), not a measurement; it lands within a factor of 2 of 18 published measurements",
     ];
-    // SmolLM2 (9 heads, 3 KV heads, tied embeddings) at a fixed TP 9 x PP 2 on a pool that
+    // SmolLM2 (9 heads, 3 KV heads, tied embeddings) at a fixed TP 3 x PP 2 on a pool that
     // mixes GPU models and claims NVLink for cards without it, with no replicas.
     let mut pool = gpus("2x16xRTX4090,1x2xH100", Ethernet);
     pool.intra_node = IntraNodeLink::NVLink;
     let req = with(
         request("smollm2-135m", WeightDtype::Q4_1, 2048, 8, 0),
-        Some(9),
+        Some(3),
         Some(2),
         Objective::MinGpus,
     );
@@ -530,11 +530,11 @@ fn notes_say_everything_that_shaped_the_plan() {
     assert_eq!(
         p.notes,
         [
-            "tensor parallel 9 exceeds the 3 KV heads: each KV head is replicated on 3 ranks",
             "tied embeddings: the last stage holds its own copy of the embedding as the output head",
             "spec.interconnect.intraNode is NVLink but the RTX4090 has no NVLink switch in the catalog; PCIe figures are used",
             "the pool mixes GPU models (H100, RTX4090); a plan uses one, here RTX4090",
             "replicas is 0: the split is sized for one replica group and nothing is placed",
+            "objective MinGpus (the fewest GPUs that fit) chose TP 3 x PP 2 on RTX4090 (6 GPUs per replica, 4188 tokens/s per group, 698 per GPU, 1.91 ms per token); no other split fits",
             "KV cache reserved in fp16 for 2048 tokens x 8 sequences per replica group; usable memory is 90% of each GPU",
             common[0],
         ]
@@ -544,7 +544,7 @@ fn notes_say_everything_that_shaped_the_plan() {
     assert_eq!(
         reasons,
         [
-            "H100: fits in memory, but needs 9 GPUs in one node and at most 2 H100 are free on one node; spanning nodes is only used when nothing inside one node fits"
+            "H100: fits in memory, but needs 3 GPUs in one node and at most 2 H100 are free on one node; spanning nodes is only used when nothing inside one node fits"
         ]
     );
     assert_estimate_consistent(&p);
@@ -563,11 +563,31 @@ fn notes_say_everything_that_shaped_the_plan() {
         [
             "tensor parallel 16 exceeds the 8 KV heads: each KV head is replicated on 2 ranks",
             "tensor parallel 16 spans nodes because no split inside one node fits (8 GPUs is the most free on one H100 node); its all-reduces run over the InfiniBand network at 400 Gbit/s (slow)",
+            "objective MinGpus (the fewest GPUs that fit) chose TP 16 x PP 1 on H100 (16 GPUs per replica, 932 tokens/s per group, 58 per GPU, 8.58 ms per token); no other split fits",
             "KV cache reserved in fp16 for 4096 tokens x 8 sequences per replica group; usable memory is 90% of each GPU",
             common[0],
         ]
     );
     assert_estimate_consistent(&p);
+    // Only a tied model split into stages has the second copy: not 70B (untied) down three
+    // stages, not SmolLM2 (tied) in one.
+    for (model, dtype, tp, pp) in [
+        ("llama-3.1-70b", WeightDtype::Bf16, 1, 3),
+        ("smollm2-135m", WeightDtype::Q4_1, 1, 1),
+    ] {
+        let req = with(
+            request(model, dtype, 4096, 8, 1),
+            Some(tp),
+            Some(pp),
+            Objective::MinGpus,
+        );
+        let p = plan(&req, &gpus("2x8xH100", InfiniBand), now()).expect("plan");
+        assert!(
+            !p.notes.iter().any(|n| n.contains("tied")),
+            "{model}: {:?}",
+            p.notes
+        );
+    }
     let req = with(req, Some(8), None, Objective::MinGpus);
     let p = plan(&req, &gpus("2x8xH100", InfiniBand), now()).expect("plan");
     assert!(

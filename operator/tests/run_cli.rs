@@ -389,7 +389,7 @@ fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(
-            "error: tensor parallel 2 does not divide the 9 attention heads of smollm2-135m; legal: 1, 3, 9"
+            "error: smollm2-135m: tensor parallel 2 does not divide the 9 attention heads; legal: 1, 3"
         ),
         "{stderr}"
     );
@@ -406,7 +406,7 @@ fn illegal_tensor_parallel_is_the_planners_error_with_exit_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("pipeline parallel 31 is not between 1 and the 30 layers of smollm2-135m"),
+        stderr.contains("smollm2-135m: pipeline parallel 31 is not between 1 and the 30 layers"),
         "{stderr}"
     );
 }

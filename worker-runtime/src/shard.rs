@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use whaleflux_crds::Plan;
+use whaleflux_crds::split;
 
 use crate::backend::Weight;
 use crate::model::config::LlamaConfig;
@@ -50,19 +51,32 @@ pub enum ShardError {
         /// Layers in the model.
         layers: usize,
     },
-    /// The tensor-parallel size does not divide the model.
+    /// The plan's tensor- or pipeline-parallel size breaks a rule of [`whaleflux_crds::split`].
+    #[error("the plan does not fit the model: {0}")]
+    Split(#[from] whaleflux_crds::split::SplitError),
+    /// The stage's layers are not the rule book's split ([`split::split_layers`]).
     #[error(
-        "tensorParallel {tp} does not fit the model: {heads} heads and {kv_heads} KV heads need heads % TP == 0 and (KV heads % TP == 0 or TP % KV heads == 0), FFN {ffn} must split into 32-wide blocks"
+        "stage {stage} runs layers {got:?}, where the split of {layers} layers over {stages} stages gives {want:?}"
     )]
-    Tp {
-        /// TP size.
-        tp: usize,
-        /// Query heads.
-        heads: usize,
-        /// KV heads.
-        kv_heads: usize,
-        /// FFN width.
-        ffn: usize,
+    StageLayers {
+        /// Stage.
+        stage: usize,
+        /// Layers in the plan.
+        got: [i32; 2],
+        /// Layers the rule book gives.
+        want: [u32; 2],
+        /// Layers in the model.
+        layers: usize,
+        /// Stages in the plan.
+        stages: usize,
+    },
+    /// A block weight cannot be sliced for this rank.
+    #[error("{tensor}: {reason}")]
+    Slice {
+        /// Weight name inside the block.
+        tensor: &'static str,
+        /// What is wrong.
+        reason: String,
     },
     /// The TP rank is outside the group.
     #[error("tensor-parallel rank {rank} is outside tensorParallel {tp}")]
@@ -87,7 +101,7 @@ impl ShardSpec {
     }
 
     /// The shard of (`stage`, `tp_rank`) in `plan` for a model of shape `cfg`; checks the split
-    /// is legal by the planner's rule.
+    /// by the rule book the planner uses ([`split::check_tp`]).
     pub fn from_plan(
         plan: &Plan,
         stage: usize,
@@ -107,19 +121,22 @@ impl ShardSpec {
                 layers: cfg.n_layers,
             });
         }
-        let tp = usize::try_from(plan.tensor_parallel).unwrap_or(0).max(1);
-        let legal = cfg.n_heads.is_multiple_of(tp)
-            && (cfg.n_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(cfg.n_kv_heads))
-            && cfg.ffn.is_multiple_of(tp * 32)
-            && (cfg.n_heads / tp * cfg.head_dim()).is_multiple_of(32);
-        if !legal {
-            return Err(ShardError::Tp {
-                tp,
-                heads: cfg.n_heads,
-                kv_heads: cfg.n_kv_heads,
-                ffn: cfg.ffn,
+        let shape = cfg.split_shape();
+        let tp = u32::try_from(plan.tensor_parallel).unwrap_or(0);
+        split::check_tp(&shape, tp)?;
+        let stages = plan.stages.len();
+        split::check_pp(&shape, stages as u32)?;
+        let want = split::split_layers(shape.layers, stages as u32)[stage];
+        if [start as u32, end as u32] != want {
+            return Err(ShardError::StageLayers {
+                stage,
+                got: st.layers,
+                want,
+                layers: cfg.n_layers,
+                stages,
             });
         }
+        let tp = tp as usize;
         if tp_rank >= tp {
             return Err(ShardError::Rank { rank: tp_rank, tp });
         }
@@ -272,24 +289,19 @@ pub fn load_weight(
         data: Vec::new(),
     };
     let rb = w.row_bytes();
+    let (local_rows, local_cols) = slice_dims(rows, cols, t.ty.block_elems() as usize, spec, split)
+        .map_err(|reason| GgufError::BadTensor {
+            tensor: name.into(),
+            offset: t.offset,
+            reason,
+        })?;
     let n = spec.tp_size.max(1);
     let k = spec.tp_rank;
-    let uneven = |what: &str, len: usize, parts: usize| GgufError::BadTensor {
-        tensor: name.into(),
-        offset: t.offset,
-        reason: format!("{what} {len} cannot be split evenly into {parts} tensor-parallel parts"),
-    };
-    let row_block = |index: usize, count: usize| -> Result<Weight, GgufError> {
-        if count == 0 || rows % count != 0 || index >= count {
-            return Err(uneven("rows", rows, count));
-        }
-        let per = rows / count;
-        Ok(Weight {
-            ty: t.ty,
-            rows: per,
-            cols,
-            data: data[index * per * rb..(index + 1) * per * rb].to_vec(),
-        })
+    let row_block = |index: usize| Weight {
+        ty: t.ty,
+        rows: local_rows,
+        cols,
+        data: data[index * local_rows * rb..(index + 1) * local_rows * rb].to_vec(),
     };
     Ok(match split {
         Split::Replicated => Weight {
@@ -300,20 +312,16 @@ pub fn load_weight(
             data: data.to_vec(),
             ..w
         },
-        Split::Rows => row_block(k, n)?,
-        Split::RowBlock { index, count } => row_block(index, count)?,
+        Split::Rows => row_block(k),
+        Split::RowBlock { index, .. } => row_block(index),
         Split::Cols => {
-            let be = t.ty.block_elems() as usize;
-            if cols % (n * be) != 0 {
-                return Err(uneven("columns", cols, n));
-            }
             let per_b = rb / n;
             let mut out = Vec::with_capacity(rows * per_b);
             for r in 0..rows {
                 out.extend_from_slice(&data[r * rb + k * per_b..r * rb + (k + 1) * per_b]);
             }
             Weight {
-                cols: cols / n,
+                cols: local_cols,
                 data: out,
                 ..w
             }
@@ -321,26 +329,152 @@ pub fn load_weight(
     })
 }
 
+/// The `(rows, cols)` this rank takes of a `rows x cols` tensor stored in blocks of
+/// `block_elems` along a row, split by `split`; or why it cannot be split. The loader and the
+/// shape check ([`check_shapes`]) both use it.
+pub fn slice_dims(
+    rows: usize,
+    cols: usize,
+    block_elems: usize,
+    spec: &ShardSpec,
+    split: Split,
+) -> Result<(usize, usize), String> {
+    let n = spec.tp_size.max(1);
+    let uneven = |what: &str, len: usize, parts: usize| {
+        format!("{what} {len} cannot be split evenly into {parts} tensor-parallel parts")
+    };
+    match split {
+        Split::Replicated => Ok((rows, cols)),
+        _ if n == 1 => Ok((rows, cols)),
+        Split::Rows if rows.is_multiple_of(n) => Ok((rows / n, cols)),
+        Split::Rows => Err(uneven("rows", rows, n)),
+        Split::RowBlock { index, count } => {
+            if count == 0 || !rows.is_multiple_of(count) || index >= count {
+                Err(uneven("rows", rows, count))
+            } else {
+                Ok((rows / count, cols))
+            }
+        }
+        Split::Cols if cols.is_multiple_of(n * block_elems.max(1)) => Ok((rows, cols / n)),
+        Split::Cols => Err(uneven("columns", cols, n)),
+    }
+}
+
+/// One weight matrix of a transformer block: its GGUF name suffix, how tensor-parallel ranks
+/// divide it, its full `(rows, cols)` and the `(rows, cols)` this rank must end up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockWeight {
+    /// Name inside `blk.N.` (without `.weight`).
+    pub name: &'static str,
+    /// How ranks divide it.
+    pub split: Split,
+    /// Shape in the file.
+    pub full: (usize, usize),
+    /// Shape this rank holds.
+    pub local: (usize, usize),
+}
+
+/// The weight matrices of every block as rank `spec` loads them (the loader's one table).
+pub fn block_weights(c: &LlamaConfig, spec: &ShardSpec) -> [BlockWeight; 7] {
+    let hd = c.head_dim();
+    let tp = spec.tp_size.max(1);
+    let kv_split = spec.kv_split(c.n_kv_heads);
+    let kv_rows = spec.local_kv_heads(c.n_kv_heads) * hd;
+    let q = c.n_heads * hd;
+    let w = |name, split, full, local| BlockWeight {
+        name,
+        split,
+        full,
+        local,
+    };
+    [
+        w("attn_q", Split::Rows, (q, c.hidden), (q / tp, c.hidden)),
+        w(
+            "attn_k",
+            kv_split,
+            (c.n_kv_heads * hd, c.hidden),
+            (kv_rows, c.hidden),
+        ),
+        w(
+            "attn_v",
+            kv_split,
+            (c.n_kv_heads * hd, c.hidden),
+            (kv_rows, c.hidden),
+        ),
+        w(
+            "attn_output",
+            Split::Cols,
+            (c.hidden, q),
+            (c.hidden, q / tp),
+        ),
+        w(
+            "ffn_gate",
+            Split::Rows,
+            (c.ffn, c.hidden),
+            (c.ffn / tp, c.hidden),
+        ),
+        w(
+            "ffn_up",
+            Split::Rows,
+            (c.ffn, c.hidden),
+            (c.ffn / tp, c.hidden),
+        ),
+        w(
+            "ffn_down",
+            Split::Cols,
+            (c.hidden, c.ffn),
+            (c.hidden, c.ffn / tp),
+        ),
+    ]
+}
+
+/// Checks, without reading any weight, that rank (`stage`, `tp_rank`) of `plan` loads from a
+/// model of shape `cfg` stored as `ty`: the split rules, then every block weight's slice.
+pub fn check_shapes(
+    plan: &Plan,
+    stage: usize,
+    tp_rank: usize,
+    cfg: &LlamaConfig,
+    ty: GgmlType,
+) -> Result<ShardSpec, ShardError> {
+    let spec = ShardSpec::from_plan(plan, stage, tp_rank, cfg)?;
+    for bw in block_weights(cfg, &spec) {
+        let got = slice_dims(
+            bw.full.0,
+            bw.full.1,
+            ty.block_elems() as usize,
+            &spec,
+            bw.split,
+        )
+        .map_err(|reason| ShardError::Slice {
+            tensor: bw.name,
+            reason,
+        })?;
+        if got != bw.local {
+            return Err(ShardError::Slice {
+                tensor: bw.name,
+                reason: format!("slice {got:?} where the rank needs {:?}", bw.local),
+            });
+        }
+    }
+    Ok(spec)
+}
+
 /// A plan of `tp` x `pp` ranks for a model of `n_layers`, with the planner's layer split (the
 /// extra layers go to stages 1, 2, ...). Used where a fixed split is run without the planner: the
 /// benchmark and in-process groups.
 pub fn fixed_plan(model: &str, n_layers: usize, tp: usize, pp: usize) -> Plan {
     let pp = pp.clamp(1, n_layers.max(1));
-    let (base, extra) = (n_layers / pp, n_layers % pp);
-    let mut start = 0;
-    let stages = (0..pp)
-        .map(|s| {
-            let n = base + usize::from(s >= 1 && s <= extra);
-            let st = whaleflux_crds::StagePlan {
-                index: s as i32,
-                layers: [start as i32, (start + n) as i32],
-                node: "local".into(),
-                gpus: tp as i32,
-                embedding: s == 0,
-                head: s + 1 == pp,
-            };
-            start += n;
-            st
+    let stages = split::split_layers(n_layers as u32, pp as u32)
+        .into_iter()
+        .enumerate()
+        .map(|(s, [start, end])| whaleflux_crds::StagePlan {
+            index: s as i32,
+            layers: [start as i32, end as i32],
+            node: "local".into(),
+            gpus: tp as i32,
+            embedding: s == 0,
+            head: s + 1 == pp,
         })
         .collect();
     Plan {
@@ -429,15 +563,24 @@ mod tests {
             Err(ShardError::Rank { rank: 3, tp: 3 })
         );
         plan.tensor_parallel = 2;
-        assert!(matches!(
+        assert_eq!(
             ShardSpec::from_plan(&plan, 0, 0, &c),
-            Err(ShardError::Tp { tp: 2, .. })
-        ));
+            Err(ShardError::Split(
+                whaleflux_crds::split::SplitError::Heads { tp: 2, heads: 9 }
+            ))
+        );
         plan.stages[1].layers = [15, 31];
         plan.tensor_parallel = 1;
         assert!(matches!(
             ShardSpec::from_plan(&plan, 1, 0, &c),
             Err(ShardError::Layers { .. })
         ));
+        plan.stages[1].layers = [14, 30];
+        assert_eq!(
+            ShardSpec::from_plan(&plan, 1, 0, &c)
+                .unwrap_err()
+                .to_string(),
+            "stage 1 runs layers [14, 30], where the split of 30 layers over 2 stages gives [15, 30]"
+        );
     }
 }

@@ -187,6 +187,66 @@ pub const CATALOG: &[GpuSpec] = &[
         pcie_gbps: 64.0,
         labels: &["NVIDIA-L40S"],
     },
+    // NVIDIA H100 datasheet, H100 NVL column (nvidia.com/en-us/data-center/h100): 94 GB HBM3,
+    // 3.9 TB/s, BF16 1,671 TFLOPS with sparsity = 835.5 dense, PCIe Gen5 128 GB/s. Its NVLink
+    // bridge (600 GB/s) joins pairs of cards only, so it counts as a PCIe part, like H100 PCIe.
+    GpuSpec {
+        short_name: "H100-NVL",
+        memory_gib: 94.0,
+        hbm_gbps: 3900.0,
+        bf16_tflops: 835.5,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-H100-NVL"],
+    },
+    // NVIDIA H20 (HGX H20; NVIDIA publishes no public datasheet, figures as given to OEMs and
+    // reported at launch, e.g. tweaktown.com/news/95224): 96 GB HBM3, 4.0 TB/s, BF16 148
+    // TFLOPS dense, NVLink 900 GB/s, PCIe Gen5 128 GB/s.
+    GpuSpec {
+        short_name: "H20",
+        memory_gib: 96.0,
+        hbm_gbps: 4000.0,
+        bf16_tflops: 148.0,
+        nvlink_gbps: 900.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-H20"],
+    },
+    // NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4): 24 GB GDDR6, 300 GB/s, BF16 242
+    // TFLOPS with sparsity = 121 dense; no NVLink; PCIe Gen4 x16 64 GB/s.
+    GpuSpec {
+        short_name: "L4",
+        memory_gib: 24.0,
+        hbm_gbps: 300.0,
+        bf16_tflops: 121.0,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-L4"],
+    },
+    // NVIDIA A10G (AWS G5 instances; aws.amazon.com/ec2/instance-types/g5): 24 GB GDDR6,
+    // 600 GB/s; NVIDIA publishes no tensor figure for it, ~70 TFLOPS BF16 dense as measured
+    // and reported by Baseten (baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference); no
+    // NVLink; PCIe Gen4 x16 64 GB/s.
+    GpuSpec {
+        short_name: "A10G",
+        memory_gib: 24.0,
+        hbm_gbps: 600.0,
+        bf16_tflops: 70.0,
+        nvlink_gbps: 0.0,
+        pcie_gbps: 64.0,
+        labels: &["NVIDIA-A10G"],
+    },
+    // NVIDIA DGX B200 / HGX B200 datasheet (nvidia.com/en-us/data-center/hgx): 180 GB HBM3e per
+    // GPU (1,440 GB over 8), 8 TB/s, BF16 4.5 PFLOPS with sparsity = 2,250 dense, NVLink 5
+    // 1,800 GB/s, PCIe Gen5 128 GB/s.
+    GpuSpec {
+        short_name: "B200",
+        memory_gib: 180.0,
+        hbm_gbps: 8000.0,
+        bf16_tflops: 2250.0,
+        nvlink_gbps: 1800.0,
+        pcie_gbps: 128.0,
+        labels: &["NVIDIA-B200"],
+    },
 ];
 
 /// Finds the catalog entry for a short name or a `nvidia.com/gpu.product` label (exact match,
@@ -230,6 +290,11 @@ mod tests {
             ("NVIDIA-A100-80GB-PCIe", "A100-80GB-PCIe"),
             ("NVIDIA-GeForce-RTX-4090", "RTX4090"),
             ("NVIDIA-L40S", "L40S"),
+            ("NVIDIA-H100-NVL", "H100-NVL"),
+            ("NVIDIA-H20", "H20"),
+            ("NVIDIA-L4", "L4"),
+            ("NVIDIA-A10G", "A10G"),
+            ("NVIDIA-B200", "B200"),
             ("h100", "H100"),
             ("RTX4090", "RTX4090"),
             ("A100-80GB", "A100-80GB"),
@@ -240,8 +305,8 @@ mod tests {
 
     #[test]
     fn unknown_label_names_it_and_the_override() {
-        let err = lookup("NVIDIA-B200").unwrap_err().to_string();
-        assert!(err.contains("NVIDIA-B200"), "{err}");
+        let err = lookup("NVIDIA-B300").unwrap_err().to_string();
+        assert!(err.contains("NVIDIA-B300"), "{err}");
         assert!(err.contains("spec.gpu.model"), "{err}");
         let known = short_names().join(", ");
         assert!(known.starts_with("H100, H100-PCIe, H200"), "{known}");
@@ -280,7 +345,10 @@ mod tests {
     #[test]
     fn sxm_parts_have_nvlink_and_pcie_parts_do_not() {
         for g in CATALOG {
-            let sxm = matches!(g.short_name, "H100" | "H200" | "A100-80GB" | "A100-40GB");
+            let sxm = matches!(
+                g.short_name,
+                "H100" | "H200" | "H20" | "B200" | "A100-80GB" | "A100-40GB"
+            );
             assert_eq!(g.nvlink_gbps > 0.0, sxm, "{}", g.short_name);
             assert!(g.memory_gib > 0.0 && g.hbm_gbps > 0.0 && g.bf16_tflops > 0.0);
         }

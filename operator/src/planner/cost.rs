@@ -1,6 +1,7 @@
 //! Cost model of one decode step. It is a roofline estimate, not a measurement: each stage takes
-//! the longer of reading its bytes from HBM and doing its FLOPs, plus two all-reduces per layer
-//! over its tensor-parallel link; stages hand activations to the next over their link; with
+//! the longer of reading its bytes from HBM and doing its FLOPs (at the fractions of the
+//! datasheet figures real kernels reach), plus a fixed cost per layer and two all-reduces per
+//! layer over its tensor-parallel link; stages hand activations to the next over their link; with
 //! pipeline parallelism the batch is split into micro-batches that keep the stages busy.
 
 use whaleflux_crds::{InterNodeNetwork, WeightDtype};
@@ -9,6 +10,17 @@ use super::Model;
 use super::catalog::GpuSpec;
 use super::legality::kv_heads_per_rank;
 use super::memory::{StageShape, stage_weights};
+
+/// Fraction of the datasheet HBM bandwidth that decode kernels achieve: gpt-fast measures
+/// 1,397 GB/s on an A100-80GB (69 % of 2,039 GB/s), vLLM's batch-1 decode reaches about 77 % of
+/// the ceiling (`tests/cost_vs_published.rs` lists the sources).
+pub const HBM_EFFICIENCY: f64 = 0.75;
+/// Fraction of the dense BF16 tensor rate that batched decode GEMMs achieve: TensorRT-LLM's
+/// 70B at batch 512 on 8 A100s runs at about half the rate the datasheet allows.
+pub const COMPUTE_EFFICIENCY: f64 = 0.5;
+/// Fixed time per transformer layer per step: a layer is some ten kernels, and even under CUDA
+/// graphs each launch and the gap after it costs a couple of microseconds.
+pub const LAYER_OVERHEAD_S: f64 = 20e-6;
 
 /// A link the cost model sends bytes over.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,14 +107,14 @@ pub fn stage_step_s(c: &CostInputs<'_>, s: StageShape, batch: u64, tp_link: Link
     let kv_read =
         2.0 * layers * f64::from(kv_heads_per_rank(m, s.tp)) * hd * c.kv_bytes as f64 * avg_ctx * b;
     let bytes = w.layers + w.head + kv_read;
-    let t_mem = bytes / (c.gpu.hbm_gbps * 1e9);
+    let t_mem = bytes / (c.gpu.hbm_gbps * 1e9 * HBM_EFFICIENCY);
     let params = (w.layers + w.head) / c.dtype.bytes_per_param();
     let q_heads = f64::from(m.heads / s.tp);
     let flops = 2.0 * params * b + 4.0 * layers * q_heads * hd * avg_ctx * b;
-    let t_compute = flops / (c.gpu.bf16_tflops * 1e12);
+    let t_compute = flops / (c.gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY);
     let activation = b * m.hidden as f64 * 2.0;
     let t_comm = 2.0 * layers * tp_link.all_reduce_s(activation, s.tp);
-    t_mem.max(t_compute) + t_comm
+    t_mem.max(t_compute) + t_comm + layers * LAYER_OVERHEAD_S
 }
 
 /// Micro-batches a pipeline of `pp` stages splits a batch into, and their size.
@@ -130,7 +142,7 @@ pub fn handoff_bytes(model: &Model, mb: u64) -> f64 {
 mod tests {
     use super::*;
     use crate::planner::catalog::lookup;
-    use crate::planner::models::preset;
+    use crate::planner::models::{preset, tiny};
 
     #[test]
     fn decode_of_a_big_model_is_memory_bound_and_tp_speeds_it_up() {
@@ -152,8 +164,8 @@ mod tests {
             last: true,
         };
         let t1 = stage_step_s(&c, shape(1), 1, Link::nvlink(gpu));
-        // ~141 GB at 3.35 TB/s = ~42 ms.
-        assert!((t1 * 1e3 - 42.0).abs() < 3.0, "{}", t1 * 1e3);
+        // ~141 GB at 75 % of 3.35 TB/s = ~56 ms, and 80 layers x 20 us.
+        assert!((t1 * 1e3 - 57.8).abs() < 3.0, "{}", t1 * 1e3);
         let t8 = stage_step_s(&c, shape(8), 1, Link::nvlink(gpu));
         assert!(t8 < t1 / 5.0 && t8 > t1 / 8.0, "{t1} {t8}");
         // The same split over PCIe pays more for its all-reduces.
@@ -162,21 +174,6 @@ mod tests {
         assert_eq!(micro_batches(2, 16), (2, 8));
         assert_eq!(pipeline_period_s(2, &[1.0, 1.0], &[0.5]), 2.5);
         assert_eq!(pipeline_period_s(4, &[1.0, 1.0], &[0.5]), 4.0);
-    }
-
-    /// A model small enough to work the roofline out by hand.
-    fn tiny() -> Model {
-        Model {
-            name: "tiny".into(),
-            layers: 2,
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            vocab: 100,
-            max_context: 1000,
-            tied: false,
-        }
     }
 
     fn gpu(hbm_gbps: f64, bf16_tflops: f64) -> GpuSpec {
@@ -203,7 +200,8 @@ mod tests {
         // bytes. KV read: 2 · 2 layers · 1 head · 16 · 2 bytes · 500 · 3 = 192,000 bytes.
         // FLOPs: 2 · 34,240 params · 3 + 4 · 2 layers · 2 heads · 16 · 500 · 3 = 589,440.
         // All-reduce of 3 · 64 · 2 = 384 bytes over two ranks: 1 ms + 384 B / 1 GB/s, twice per layer.
-        let m = tiny();
+        // Kernels reach 75 % of the bandwidth and 50 % of the FLOPs; each layer costs 20 us more.
+        let m = tiny(false);
         let shape = StageShape {
             tp: 2,
             pp: 1,
@@ -215,12 +213,12 @@ mod tests {
             gbytes_per_s: 1.0,
             latency_s: 1e-3,
         };
-        let comm = 4.0 * (1e-3 + 384.0 / 1e9);
+        let comm = 4.0 * (1e-3 + 384.0 / 1e9) + 2.0 * 20e-6;
         for (gpu, want) in [
             // 1 GB/s and 1 TFLOPS: reading 260,480 bytes bounds the step.
-            (gpu(1.0, 1.0), 260_480.0 / 1e9 + comm),
+            (gpu(1.0, 1.0), 260_480.0 / 0.75e9 + comm),
             // 1 TB/s and 1 MFLOPS: the FLOPs do.
-            (gpu(1000.0, 1e-6), 589_440.0 / 1e6 + comm),
+            (gpu(1000.0, 1e-6), 589_440.0 / 0.5e6 + comm),
         ] {
             let c = CostInputs {
                 model: &m,

@@ -180,7 +180,7 @@ pub fn gib(bytes: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::models::preset;
+    use crate::planner::models::{preset, tiny};
 
     fn whole(tp: u32, pp: u32, layers: u32) -> StageShape {
         StageShape {
@@ -222,21 +222,6 @@ mod tests {
         assert!(one.head < 10_000.0);
         assert!(last.head > emb);
         assert_eq!(last.embedding, 0.0);
-    }
-
-    /// 2 layers, hidden 64, 4 heads of 16, 2 KV heads, FFN 96, vocabulary 100.
-    fn tiny(tied: bool) -> Model {
-        Model {
-            name: "tiny".into(),
-            layers: 2,
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            vocab: 100,
-            max_context: 1000,
-            tied,
-        }
     }
 
     fn stage(tp: u32, pp: u32, first: bool, last: bool) -> StageShape {

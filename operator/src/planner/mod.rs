@@ -9,6 +9,7 @@ pub mod cost;
 pub mod legality;
 pub mod memory;
 pub mod models;
+mod objective;
 mod placement;
 pub mod pool;
 
@@ -155,43 +156,23 @@ pub enum PlanError {
     /// A `--gpus` specification could not be read.
     #[error("{0}")]
     InvalidGpus(String),
-    /// A fixed tensor parallelism does not divide the attention heads.
-    #[error(
-        "tensor parallel {tp} does not divide the {heads} attention heads of {model}; legal: {legal}"
-    )]
-    TensorParallelHeads {
-        /// Requested TP.
-        tp: u32,
-        /// Attention heads.
-        heads: u32,
+    /// A fixed tensor parallelism the worker cannot load ([`whaleflux_crds::split`]).
+    #[error("{model}: {reason}; legal: {legal}")]
+    TensorParallel {
         /// Model name.
         model: String,
-        /// Legal TP values, comma-separated.
-        legal: String,
-    },
-    /// A fixed tensor parallelism and the KV heads divide neither way.
-    #[error(
-        "tensor parallel {tp} and the {kv_heads} KV heads of {model} do not divide one another; legal: {legal}"
-    )]
-    TensorParallelKvHeads {
-        /// Requested TP.
-        tp: u32,
-        /// KV heads.
-        kv_heads: u32,
-        /// Model name.
-        model: String,
+        /// The rule it breaks.
+        reason: whaleflux_crds::split::SplitError,
         /// Legal TP values, comma-separated.
         legal: String,
     },
     /// A fixed pipeline parallelism is not in 1..=layers.
-    #[error("pipeline parallel {pp} is not between 1 and the {layers} layers of {model}")]
+    #[error("{model}: {reason}")]
     PipelineParallel {
-        /// Requested PP.
-        pp: u32,
-        /// Layers of the model.
-        layers: u32,
         /// Model name.
         model: String,
+        /// The rule it breaks.
+        reason: whaleflux_crds::split::SplitError,
     },
     /// Every node is unhealthy, quarantined, or has no free GPU.
     #[error("the pool has no usable GPU: {detail}")]
@@ -215,8 +196,7 @@ impl PlanError {
     pub fn is_infeasible(&self) -> bool {
         matches!(
             self,
-            PlanError::TensorParallelHeads { .. }
-                | PlanError::TensorParallelKvHeads { .. }
+            PlanError::TensorParallel { .. }
                 | PlanError::PipelineParallel { .. }
                 | PlanError::NoUsableGpus { .. }
                 | PlanError::NothingFits { .. }

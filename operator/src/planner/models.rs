@@ -181,6 +181,23 @@ impl Model {
     }
 }
 
+/// A model small enough to work memory and cost out by hand in tests: 2 layers, hidden 64, 4
+/// heads of 16, 2 KV heads, FFN 96, vocabulary 100, context 1000.
+#[cfg(test)]
+pub(crate) fn tiny(tied: bool) -> Model {
+    Model {
+        name: "tiny".into(),
+        layers: 2,
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 96,
+        vocab: 100,
+        max_context: 1000,
+        tied,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +248,72 @@ mod tests {
         s.layers = 0;
         let err = from_shape("custom", &s).unwrap_err().to_string();
         assert!(err.contains("layers is 0"), "{err}");
+        // As many KV heads as heads (multi-head attention, Llama 2 7B) is a shape; more is not.
+        s.layers = 4;
+        s.kv_heads = 8;
+        assert_eq!(from_shape("custom", &s).map(|m| m.kv_heads), Ok(8));
+        s.kv_heads = 16;
+        let err = from_shape("custom", &s).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "spec.model.shape.attentionHeads 8 must be a multiple of kvHeads 16"
+        );
+    }
+
+    #[test]
+    fn parameters_by_hand() {
+        // hidden 64, 8 heads of 8, 2 KV heads, FFN 128: Q and O 2·64·64 = 8,192; K and V
+        // 2·64·16 = 2,048; the gated MLP 3·64·128 = 24,576; two norms 128.
+        let m = Model {
+            name: "hand".into(),
+            layers: 3,
+            hidden: 64,
+            heads: 8,
+            kv_heads: 2,
+            ffn: 128,
+            vocab: 100,
+            max_context: 512,
+            tied: false,
+        };
+        assert_eq!(m.layer_params(), 8_192 + 2_048 + 24_576 + 128);
+        assert_eq!(m.embedding_params(), 6_400);
+        assert_eq!(m.total_params(), 3 * 34_944 + 2 * 6_400 + 64);
+        let tied = Model { tied: true, ..m };
+        assert_eq!(tied.total_params(), 3 * 34_944 + 6_400 + 64);
+    }
+
+    #[test]
+    fn a_model_is_a_preset_or_a_shape_never_both() {
+        let shape = ModelShape {
+            layers: 4,
+            hidden_size: 64,
+            attention_heads: 8,
+            kv_heads: 2,
+            intermediate_size: 128,
+            vocab_size: 100,
+            max_context: 512,
+            tied_embeddings: true,
+        };
+        let spec = |preset: Option<&str>, shape: Option<ModelShape>| ModelSpec {
+            preset: preset.map(str::to_string),
+            shape,
+            weights: serde_json::from_value(serde_json::json!({"source": {"path": "/m.gguf"}}))
+                .expect("weights"),
+        };
+        let custom = resolve(&spec(None, Some(shape.clone()))).expect("shape");
+        assert_eq!(
+            (custom.name.as_str(), custom.layers, custom.tied),
+            ("custom", 4, true)
+        );
+        assert_eq!(
+            resolve(&spec(Some("mistral-7b"), None)).map(|m| m.name),
+            Ok("mistral-7b".into())
+        );
+        for wrong in [spec(None, None), spec(Some("mistral-7b"), Some(shape))] {
+            assert_eq!(
+                resolve(&wrong).unwrap_err().to_string(),
+                "spec.model must set exactly one of preset or shape"
+            );
+        }
     }
 }

@@ -113,6 +113,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slots_count_whole_stages_per_node() {
+        assert_eq!(slots(&[8, 5, 3], 4), 3);
+        assert_eq!(slots(&[8, 5, 3], 1), 16);
+    }
+
+    #[test]
+    fn stages_spanning_nodes_fill_from_the_fullest_and_reuse_leftovers() {
+        // TP 16 on three nodes of 8: two whole nodes, the third untouched.
+        assert_eq!(
+            place_across_nodes(&[8, 8, 8], 16, 1, 1),
+            Some(vec![vec![vec![(0, 8), (1, 8)]]])
+        );
+        // TP 12 twice: the 4 GPUs the first stage leaves on node 1 serve the second.
+        assert_eq!(
+            place_across_nodes(&[8, 8, 8], 12, 2, 1),
+            Some(vec![vec![vec![(0, 8), (1, 4)], vec![(1, 4), (2, 8)]]])
+        );
+        assert_eq!(place_across_nodes(&[8, 8, 8], 12, 2, 2), None);
+    }
+
+    #[test]
     fn groups_pack_onto_the_tightest_node() {
         // Node 1 has exactly room for a 2-stage group of TP 2.
         let g = place_within_nodes(&[8, 4, 8], 2, 2, 1).expect("fits");

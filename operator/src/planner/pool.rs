@@ -228,11 +228,29 @@ mod tests {
             ("200000x8xH100", "more than 100000 nodes"),
             ("2xfourxH100", "unknown GPU model"),
             ("H100", "NODESxGPUSxMODEL"),
+            ("x8xH100", "NODESxGPUSxMODEL"),
+            ("99999x1xH100,2x1xH100", "more than 100000 nodes"),
         ] {
             let err = Pool::from_gpus_spec(spec, InterNodeNetwork::Ethernet)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{spec}: {err}");
         }
+        // Exactly the limit is allowed.
+        let pool = Pool::from_gpus_spec("99999x1xH100,1x1xH100", InterNodeNetwork::Ethernet)
+            .expect("100000 nodes");
+        assert_eq!(pool.nodes.len(), MAX_SPEC_NODES);
+    }
+
+    #[test]
+    fn a_quarantine_ending_now_is_over_and_an_empty_domain_is_none() {
+        let mut pool = Pool::from_gpus_spec("2x8xH100", InterNodeNetwork::Ethernet).expect("pool");
+        let now: Timestamp = "2026-06-01T00:00:00Z".parse().expect("time");
+        pool.nodes[0].quarantined_until =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        pool.nodes[1].nvlink_domain = Some(String::new());
+        let health = usable_nodes(&pool, &[], now).expect("usable");
+        assert_eq!(health.usable.len(), 2, "{:?}", health.left_out);
+        assert_eq!(health.usable[1].domain, None);
     }
 }

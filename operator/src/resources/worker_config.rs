@@ -154,3 +154,63 @@ pub fn for_local_process(
         ..group.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        serde_yaml::from_str(include_str!("../../tests/fixtures/plan-llama-3.1-70b.yaml"))
+            .expect("plan fixture")
+    }
+
+    fn deployment() -> LlmDeployment {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "whaleflux.io/v1alpha1", "kind": "LlmDeployment",
+            "metadata": {"name": "chat", "namespace": "ml"},
+            "spec": {"model": {"preset": "llama-3.1-70b", "weights": {"source": {"path": "/m.gguf"}}},
+                     "gpuPool": "pool"}
+        }))
+        .expect("deployment")
+    }
+
+    #[test]
+    fn local_processes_are_numbered_stage_major_and_pinned_one_by_one() {
+        // TP 4 x PP 2: one process per stage with TP threads, or one per (stage, rank).
+        let p = plan();
+        assert_eq!(
+            local_ranks(&p, false).collect::<Vec<_>>(),
+            [(0, None), (1, None)]
+        );
+        let all: Vec<_> = local_ranks(&p, true).collect();
+        let want: Vec<_> = (0..2)
+            .flat_map(|s| (0..4).map(move |r| (s, Some(r))))
+            .collect();
+        assert_eq!(all, want);
+        let local = Addressing::Local {
+            host: "127.0.0.1".into(),
+            base_peer_port: 7000,
+            tp_processes: true,
+        };
+        let g = render(&deployment(), &p, 0, "/m.gguf", &local);
+        let peers: Vec<_> = g
+            .peers
+            .iter()
+            .map(|a| (a.stage, a.tp_rank, a.host.as_str(), a.port))
+            .collect();
+        assert_eq!(peers.len(), 8);
+        assert_eq!(peers[0], (0, Some(0), "127.0.0.1", 7000));
+        assert_eq!(peers[6], (1, Some(2), "127.0.0.1", 7006));
+        let one = for_local_process(&g, 1, Some(2), 8001);
+        assert_eq!(
+            (one.stage, one.tp_rank, one.ports.http, one.ports.peer),
+            (Some(1), Some(2), 8001, 7006)
+        );
+        assert_eq!(one.peers, g.peers);
+        // A process the group does not list keeps the group's peer port.
+        let stray = for_local_process(&g, 5, Some(0), 8002);
+        assert_eq!(stray.ports.peer, g.ports.peer);
+        let rank_mismatch = for_local_process(&g, 1, None, 8003);
+        assert_eq!(rank_mismatch.ports.peer, g.ports.peer);
+    }
+}

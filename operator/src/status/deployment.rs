@@ -516,4 +516,109 @@ mod tests {
             &pool(false, None)
         ));
     }
+
+    fn sts(labels: serde_json::Value, status: serde_json::Value) -> StatefulSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "chat-g2", "generation": 5, "labels": labels},
+            "spec": {"replicas": 2, "serviceName": "chat-g2", "selector": {},
+                     "template": {"metadata": {"annotations": {CONFIG_HASH_ANNOTATION: "abc"}}}},
+            "status": status
+        }))
+        .expect("statefulset")
+    }
+
+    #[test]
+    fn a_group_is_ready_only_when_every_pod_of_its_current_template_is() {
+        let label = serde_json::json!({GROUP_LABEL: "2"});
+        let full = serde_json::json!({"observedGeneration": 5, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2});
+        assert_eq!(
+            group_state(&sts(label.clone(), full.clone())),
+            Some(GroupState {
+                index: 2,
+                hash: "abc".into(),
+                ready: true
+            })
+        );
+        for (field, value) in [
+            ("observedGeneration", 4),
+            ("replicas", 1),
+            ("readyReplicas", 1),
+            ("updatedReplicas", 1),
+        ] {
+            let mut st = full.clone();
+            st[field] = value.into();
+            let g = group_state(&sts(label.clone(), st)).expect("group");
+            assert!(!g.ready, "{field} {value}");
+        }
+        assert_eq!(group_state(&sts(serde_json::json!({}), full.clone())), None);
+        assert_eq!(
+            group_state(&sts(serde_json::json!({GROUP_LABEL: "x"}), full)),
+            None
+        );
+    }
+
+    fn planned_status(status: &str, observed: i64, plan: bool) -> LlmDeploymentStatus {
+        serde_json::from_value(serde_json::json!({
+            "conditions": [{"type": "Planned", "status": status, "reason": "PlanChosen", "message": "",
+                            "lastTransitionTime": "2026-06-01T00:00:00Z", "observedGeneration": observed}],
+            "plan": if plan {
+                serde_json::to_value(fixture_plan()).expect("plan")
+            } else {
+                serde_json::Value::Null
+            }
+        }))
+        .expect("status")
+    }
+
+    fn fixture_plan() -> Plan {
+        serde_yaml::from_str(include_str!("../../tests/fixtures/plan-llama-3.1-70b.yaml"))
+            .expect("plan fixture")
+    }
+
+    #[test]
+    fn planned_at_generation_needs_a_plan_and_a_true_condition_of_this_generation() {
+        let at = |status, observed, plan| {
+            planned_at_generation(&deployment(1, Some(planned_status(status, observed, plan))))
+        };
+        assert!(at("True", 3, true));
+        assert!(!at("True", 2, true));
+        assert!(!at("False", 3, true));
+        assert!(!at("True", 3, false));
+        assert!(!planned_at_generation(&deployment(1, None)));
+    }
+
+    fn pool(name: &str) -> GpuPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "whaleflux.io/v1alpha1", "kind": "GpuPool",
+            "metadata": {"name": name}, "spec": {}
+        }))
+        .expect("pool")
+    }
+
+    #[test]
+    fn a_pool_change_wakes_only_deployments_waiting_on_that_pool() {
+        // Planned on nodes this (empty) pool no longer offers: it waits on the pool.
+        let waiting = deployment(1, Some(planned_status("True", 3, true)));
+        assert!(pool_change_matters(&waiting, &pool("pool")));
+        assert!(!pool_change_matters(&waiting, &pool("other")));
+        assert!(!pool_change_matters(&deployment(1, None), &pool("pool")));
+        let mut leaving = waiting.clone();
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+        assert!(!pool_change_matters(&leaving, &pool("pool")));
+    }
+
+    #[test]
+    fn the_plan_summary_names_split_gpu_and_placement() {
+        let mut plan = fixture_plan();
+        assert_eq!(
+            plan_summary(&plan),
+            "TP 4 x PP 2 (8 GPU(s) per group, H100), 2 replica group(s): group 0 on node-0,node-1; group 1 on node-2,node-3"
+        );
+        plan.groups.clear();
+        assert_eq!(
+            plan_summary(&plan),
+            "TP 4 x PP 2 (8 GPU(s) per group, H100), 2 replica group(s)"
+        );
+    }
 }

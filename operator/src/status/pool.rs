@@ -470,4 +470,42 @@ mod tests {
         let second = pool_status(&p, &nodes, &BTreeMap::new(), later);
         assert_eq!(first, second, "same input, same status: no write");
     }
+
+    #[test]
+    fn selectors_need_every_label_and_long_reasons_are_cut_on_a_char_boundary() {
+        let n = node("a", Some("H100"), "8", true);
+        let sel = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(selects(&sel(&[]), &n));
+        assert!(selects(&sel(&[("pool", "a")]), &n));
+        assert!(!selects(&sel(&[("pool", "b")]), &n));
+        assert!(!selects(&sel(&[("pool", "a"), ("zone", "x")]), &n));
+        assert_eq!(truncate("x".repeat(1024)), "x".repeat(1024));
+        // 1 + 600 x 2 bytes: byte 1024 falls inside an "é", so the cut is at 1023.
+        let cut = truncate(format!("x{}", "é".repeat(600)));
+        assert_eq!(cut, format!("x{}…", "é".repeat(511)));
+    }
+
+    #[test]
+    fn a_quarantine_ending_now_is_over() {
+        let mut q = (*node("q", Some("H100"), "8", true)).clone();
+        q.metadata.annotations = Some(
+            [(
+                QUARANTINE_ANNOTATION.to_string(),
+                "2026-06-01T00:00:00Z".to_string(),
+            )]
+            .into(),
+        );
+        let s = pool_status(&pool(None), &[Arc::new(q)], &BTreeMap::new(), now());
+        assert_eq!(s.nodes[0].quarantined_until, None);
+        assert!(
+            s.nodes[0].ready && s.nodes[0].reason.is_none(),
+            "{:?}",
+            s.nodes[0]
+        );
+    }
 }

@@ -8,7 +8,9 @@ use crate::backend::{Backend, Weight};
 use crate::comm::{Collective, CommError};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::{Gguf, GgufError};
-use crate::shard::{LoadOptions, ShardSpec, Split, WeightFormat, load_vector, load_weight_as};
+use crate::shard::{
+    LoadOptions, ShardSpec, Split, WeightFormat, block_weights, load_vector, load_weight_as,
+};
 
 /// Errors loading model weights.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +167,6 @@ impl LlamaModel {
         let fmt = opts.weights;
         let config = LlamaConfig::from_gguf(g)?;
         let c = &config;
-        let hd = c.head_dim();
         let check = |w: Weight, name: &str, want: (usize, usize)| -> Result<Weight, LoadError> {
             if (w.rows, w.cols) != want {
                 return Err(LoadError::Shape {
@@ -187,29 +188,24 @@ impl LlamaModel {
             }
             Ok(v)
         };
-        let tp = spec.tp_size.max(1);
-        let kv_split = spec.kv_split(c.n_kv_heads);
-        let kv_rows = spec.local_kv_heads(c.n_kv_heads) * hd;
         let mut layers = Vec::new();
         for l in spec.layers.clone() {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
-            let m = |s: &str, split: Split, want: (usize, usize)| -> Result<Weight, LoadError> {
-                check(load_weight_as(g, &n(s), &spec, split, fmt)?, &n(s), want)
-            };
+            let [q, k, v, o, gate, up, down] = block_weights(c, &spec).map(|bw| {
+                let name = n(bw.name);
+                check(
+                    load_weight_as(g, &name, &spec, bw.split, fmt)?,
+                    &name,
+                    bw.local,
+                )
+            });
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm"), c.hidden)?,
-                qkv: Fused::new(vec![
-                    m("attn_q", Split::Rows, (c.n_heads * hd / tp, c.hidden))?,
-                    m("attn_k", kv_split, (kv_rows, c.hidden))?,
-                    m("attn_v", kv_split, (kv_rows, c.hidden))?,
-                ]),
-                wo: m("attn_output", Split::Cols, (c.hidden, c.n_heads * hd / tp))?,
+                qkv: Fused::new(vec![q?, k?, v?]),
+                wo: o?,
                 ffn_norm: vec(&n("ffn_norm"), c.hidden)?,
-                gate_up: Fused::new(vec![
-                    m("ffn_gate", Split::Rows, (c.ffn / tp, c.hidden))?,
-                    m("ffn_up", Split::Rows, (c.ffn / tp, c.hidden))?,
-                ]),
-                down: m("ffn_down", Split::Cols, (c.hidden, c.ffn / tp))?,
+                gate_up: Fused::new(vec![gate?, up?]),
+                down: down?,
             });
         }
         let tied = g.tensor("output.weight").is_none();

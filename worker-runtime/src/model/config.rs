@@ -31,6 +31,17 @@ impl LlamaConfig {
         self.hidden / self.n_heads
     }
 
+    /// The parts of the shape the split rules read ([`whaleflux_crds::split`]).
+    pub fn split_shape(&self) -> whaleflux_crds::split::Shape {
+        whaleflux_crds::split::Shape {
+            layers: self.n_layers as u32,
+            heads: self.n_heads as u32,
+            kv_heads: self.n_kv_heads as u32,
+            head_dim: self.head_dim() as u64,
+            ffn: self.ffn as u64,
+        }
+    }
+
     /// Read the config; only `general.architecture = llama` is supported.
     pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
         let arch = g.get_str("general.architecture")?;

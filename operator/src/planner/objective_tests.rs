@@ -1,7 +1,13 @@
 //! The choice between fitting options and the words for the ones not taken, on hand-built
 //! candidates (the scenarios in `tests/planner_scenarios.rs` drive the same code from pools).
 
-use super::*;
+use std::cmp::Ordering;
+
+use whaleflux_crds::{MemoryBreakdown, Objective};
+
+use super::super::catalog;
+use super::super::choose::{Candidate, Fit, Tier, round};
+use super::{compare, fit_reason};
 
 fn fit(
     gpu: &'static str,
@@ -135,4 +141,75 @@ fn round_keeps_the_asked_decimals() {
     assert_eq!(round(1.235_1, 2), 1.24);
     assert_eq!(round(1234.5678, 0), 1235.0);
     assert_eq!(round(-0.0049, 2), -0.0);
+}
+
+fn on_nodes(mut c: Candidate<'static>, stage_nodes: &[usize]) -> Candidate<'static> {
+    if let Ok(f) = &mut c.outcome {
+        f.groups = vec![stage_nodes.iter().map(|&n| vec![(n, c.tp)]).collect()];
+    }
+    c
+}
+
+#[test]
+fn tokens_per_gpu_ranks_by_gpu_time_then_fewer_gpus_nodes_and_stages() {
+    use Objective::MaxTokensPerGpu as O;
+    use Ordering::{Greater, Less};
+    // The example: TP 8 at 175 tokens/s per GPU beats TP 1 x PP 3 at 70.
+    let tp8 = fit("H100", 8, 1, 0.010, 1400.0);
+    let pp3 = fit("H100", 1, 3, 0.050, 210.0);
+    assert_eq!(compare(O, &tp8, &pp3), Less);
+    assert_eq!(compare(O, &pp3, &tp8), Greater);
+    assert_eq!(
+        reason(O, &pp3, &tp8),
+        "fits with 3 GPUs per replica, but estimated 70 tokens/s per GPU against 175 for TP 8 x PP 1"
+    );
+    // On the same 0.2 % step of the per-GPU grid is a tie: fewer GPUs win, and say so.
+    let tp4 = fit("H100", 4, 1, 0.010, 700.08);
+    assert_eq!(compare(O, &tp4, &tp8), Less);
+    assert_eq!(
+        reason(O, &tp8, &tp4),
+        "fits as well per GPU, but needs 8 GPUs per replica where TP 4 x PP 1 needs 4"
+    );
+    // A clear 1 % more per GPU wins over fewer GPUs.
+    assert_eq!(compare(O, &fit("H100", 8, 1, 0.01, 1414.0), &tp4), Less);
+    // Same GPUs and per-GPU figure: fewer nodes, then fewer stages.
+    let one_node = on_nodes(fit("H100", 2, 2, 0.010, 700.0), &[0, 0]);
+    let two_nodes = on_nodes(fit("H100", 2, 2, 0.010, 700.0), &[0, 1]);
+    assert_eq!(compare(O, &one_node, &two_nodes), Less);
+    assert_eq!(compare(O, &two_nodes, &one_node), Greater);
+    assert_eq!(
+        reason(O, &two_nodes, &one_node),
+        "fits as well per GPU, but spreads over 2 nodes where TP 2 x PP 2 uses 1"
+    );
+    let shallow = on_nodes(fit("H100", 4, 1, 0.010, 700.0), &[0]);
+    let deep = on_nodes(fit("H100", 1, 4, 0.010, 700.0), &[0, 0, 0, 0]);
+    assert_eq!(compare(O, &shallow, &deep), Less);
+    assert_eq!(compare(O, &deep, &shallow), Greater);
+    assert_eq!(compare(O, &shallow, &shallow.clone()), Ordering::Equal);
+}
+
+#[test]
+fn the_choice_note_names_the_objective_and_the_runner_up() {
+    let tp8 = fit("H100", 8, 1, 0.010, 1400.0);
+    let pp3 = fit("H100", 1, 3, 0.050, 210.0);
+    assert_eq!(
+        super::choice_note(Objective::MaxTokensPerGpu, &tp8, Some(&pp3)),
+        "objective MaxTokensPerGpu (the most estimated tokens/s per GPU) chose TP 8 x PP 1 on H100 (8 GPUs per replica, 1400 tokens/s per group, 175 per GPU, 10.00 ms per token); the runner-up, TP 1 x PP 3 on H100 (3 GPUs per replica, 210 tokens/s per group, 70 per GPU, 50.00 ms per token)"
+    );
+    assert_eq!(
+        super::choice_note(Objective::MinGpus, &pp3, None),
+        "objective MinGpus (the fewest GPUs that fit) chose TP 1 x PP 3 on H100 (3 GPUs per replica, 210 tokens/s per group, 70 per GPU, 50.00 ms per token); no other split fits"
+    );
+    for (o, why) in [
+        (
+            Objective::MaxThroughput,
+            "(the most estimated tokens/s per replica group)",
+        ),
+        (
+            Objective::MinLatency,
+            "(the least estimated time per token)",
+        ),
+    ] {
+        assert!(super::choice_note(o, &tp8, None).contains(why), "{o:?}");
+    }
 }
