@@ -36,6 +36,16 @@ fn fixed_plan(name: &str) -> whaleflux_crds::Plan {
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The pod template of the first group.
+fn pod_spec(c: &Children) -> k8s_openapi::api::core::v1::PodSpec {
+    c.groups[0]
+        .statefulset
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod")
+}
+
 fn plan_for(d: &LlmDeployment, gpus: &str) -> whaleflux_crds::Plan {
     let req = PlanRequest::from_spec(&d.spec).expect("request");
     let pool = Pool::from_gpus_spec(gpus, InterNodeNetwork::InfiniBand).expect("pool");
@@ -231,12 +241,7 @@ fn url_weights_download_into_an_empty_dir() {
     d.spec.model.weights.source.url = Some("https://example.com/m/smol.gguf?download=1".into());
     let plan = plan_for(&d, "1x4xRTX4090");
     let c = children::build(&d, &plan, "x").expect("build");
-    let pod = c.groups[0]
-        .statefulset
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.clone())
-        .expect("pod");
+    let pod = pod_spec(&c);
     let init = &pod.init_containers.as_ref().expect("init container")[0];
     assert_eq!(
         serde_json::to_value(init).expect("json"),
@@ -278,21 +283,11 @@ fn a_plan_without_nodes_pins_no_pod() {
         s.node.clear();
     }
     let c = children::build(&d, &plan, "x").expect("build");
-    let pod = c.groups[0]
-        .statefulset
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.clone())
-        .expect("pod");
+    let pod = pod_spec(&c);
     assert_eq!(pod.affinity, None);
     // With a node, the pod is pinned to it.
     let c = children::build(&d, &fixed_plan("smollm2-135m"), "x").expect("build");
-    let pod = c.groups[0]
-        .statefulset
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.clone())
-        .expect("pod");
+    let pod = pod_spec(&c);
     assert!(pod.affinity.is_some());
 }
 

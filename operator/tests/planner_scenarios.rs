@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_legal, fixture, gpus, now, request};
+use common::{assert_estimate_consistent, assert_legal, fixture, gpus, now, request, with};
 use whaleflux_crds::InterNodeNetwork::{Ethernet, InfiniBand};
 use whaleflux_crds::{Objective, WeightDtype};
 use whaleflux_operator::plan_cmd::parse_pool;
@@ -22,13 +22,6 @@ struct Case {
     request: PlanRequest,
     pool: Pool,
     expect: Expect,
-}
-
-fn with(mut r: PlanRequest, tp: Option<u32>, pp: Option<u32>, obj: Objective) -> PlanRequest {
-    r.tensor_parallel = tp;
-    r.pipeline_parallel = pp;
-    r.objective = obj;
-    r
 }
 
 fn fixture_pool(name: &str) -> Pool {
@@ -490,25 +483,6 @@ fn when_nothing_fits_a_lack_of_room_is_closer_than_a_lack_of_memory() {
     );
 }
 
-/// The estimate is rounded for display (3 decimals of ms, 1 of tokens/s) and both describe the
-/// same period: tokens/s = concurrency / time per token.
-fn assert_estimate_consistent(p: &whaleflux_crds::Plan) {
-    let e = &p.estimate;
-    assert_eq!(
-        (e.time_per_token_ms * 1e3).round() / 1e3,
-        e.time_per_token_ms
-    );
-    assert_eq!(
-        (e.decode_tokens_per_second * 10.0).round() / 10.0,
-        e.decode_tokens_per_second
-    );
-    let from_time = f64::from(e.concurrency) * 1e3 / e.time_per_token_ms;
-    assert!(
-        (from_time - e.decode_tokens_per_second).abs() / e.decode_tokens_per_second < 1e-3,
-        "{e:?}"
-    );
-}
-
 #[test]
 fn notes_say_everything_that_shaped_the_plan() {
     use whaleflux_crds::IntraNodeLink;
@@ -643,74 +617,4 @@ fn notes_say_everything_that_shaped_the_plan() {
         last = est;
     }
     assert_estimate_consistent(&p);
-}
-
-/// The number after `word` in a rejected reason ("estimated 1.23 ms", "against 4.56").
-fn number_after(reason: &str, word: &str) -> f64 {
-    reason
-        .split(word)
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no number after {word:?} in {reason:?}"))
-}
-
-#[test]
-fn min_latency_explains_each_alternative_by_its_time_per_token() {
-    let req = with(
-        request("llama-3.1-8b", WeightDtype::Bf16, 4096, 8, 1),
-        None,
-        None,
-        Objective::MinLatency,
-    );
-    let p = plan(&req, &gpus("1x4xH100", InfiniBand), now()).expect("plan");
-    assert_eq!((p.tensor_parallel, p.pipeline_parallel), (4, 1));
-    let chosen_ms = p.estimate.time_per_token_ms;
-    assert_eq!(p.rejected.len(), 6, "{:#?}", p.rejected);
-    let mut last = 0.0;
-    for r in &p.rejected {
-        let tail = format!(" ms per token against {chosen_ms:.2} for TP 4 x PP 1");
-        assert!(r.reason.starts_with("fits, but estimated "), "{}", r.reason);
-        assert!(r.reason.ends_with(&tail), "{} / {tail}", r.reason);
-        let ms = number_after(&r.reason, "estimated ");
-        assert!(ms > chosen_ms && ms >= last, "{:#?}", p.rejected);
-        last = ms;
-    }
-    assert_estimate_consistent(&p);
-}
-
-#[test]
-fn alternatives_that_fit_are_listed_before_options_that_do_not() {
-    // Two replica groups: the one A100 cannot hold both, so its TP 1 x PP 1 lacks room (a
-    // failure needing a single GPU), while the H100 node fits many splits. Every fitting
-    // alternative is more relevant than any failure, whatever its GPU count.
-    let req = with(
-        request("llama-3.1-8b", WeightDtype::Bf16, 4096, 8, 2),
-        None,
-        None,
-        Objective::MaxThroughput,
-    );
-    let p = plan(&req, &gpus("1x8xH100,1x1xA100-80GB", InfiniBand), now()).expect("plan");
-    assert_eq!(p.gpu_model, "H100");
-    let fits: Vec<bool> = p
-        .rejected
-        .iter()
-        .map(|r| r.reason.contains(": fits with "))
-        .collect();
-    let first_failure = fits.iter().position(|f| !f).expect("some option fails");
-    assert!(first_failure >= 3, "{:#?}", p.rejected);
-    assert!(
-        fits[first_failure..].iter().all(|f| !f),
-        "{:#?}",
-        p.rejected
-    );
-    let a100 = p
-        .rejected
-        .iter()
-        .find(|r| {
-            r.reason.starts_with("A100-80GB: ")
-                && (r.tensor_parallel, r.pipeline_parallel) == (1, 1)
-        })
-        .expect("A100 TP 1 x PP 1 listed");
-    assert!(a100.reason.contains("replica group"), "{}", a100.reason);
 }

@@ -399,3 +399,30 @@ pub fn complete(addr: SocketAddr, prompt: &str, max_tokens: u32) -> String {
         .unwrap_or_else(|| panic!("no choices[0].text in {}", r.body))
         .to_string()
 }
+
+/// The request with a fixed (or free) TP, PP and an objective.
+pub fn with(mut r: PlanRequest, tp: Option<u32>, pp: Option<u32>, obj: Objective) -> PlanRequest {
+    r.tensor_parallel = tp;
+    r.pipeline_parallel = pp;
+    r.objective = obj;
+    r
+}
+
+/// The estimate is rounded for display (3 decimals of ms, 1 of tokens/s) and both describe the
+/// same period: tokens/s = concurrency / time per token.
+pub fn assert_estimate_consistent(p: &whaleflux_crds::Plan) {
+    let e = &p.estimate;
+    assert_eq!(
+        (e.time_per_token_ms * 1e3).round() / 1e3,
+        e.time_per_token_ms
+    );
+    assert_eq!(
+        (e.decode_tokens_per_second * 10.0).round() / 10.0,
+        e.decode_tokens_per_second
+    );
+    let from_time = f64::from(e.concurrency) * 1e3 / e.time_per_token_ms;
+    assert!(
+        (from_time - e.decode_tokens_per_second).abs() / e.decode_tokens_per_second < 1e-3,
+        "{e:?}"
+    );
+}
