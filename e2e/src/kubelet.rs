@@ -1,5 +1,5 @@
-//! The process kubelet (plus the two controllers it needs to be useful): registers fake GPU
-//! Nodes, creates the Pods of StatefulSets, binds pending Pods to Nodes that fit, and runs each
+//! The process kubelet (plus the controllers it needs to be useful): registers fake GPU
+//! Nodes, creates the Pods of StatefulSets and Deployments (`deployments.rs`), binds pending Pods to Nodes that fit, and runs each
 //! container's command as a local process with the Pod's env, on its own loopback address.
 //! It probes readiness and liveness over HTTP, restarts per `restartPolicy`, and writes Pod
 //! phase, container statuses and conditions (readiness gates included).
@@ -129,14 +129,14 @@ pub struct Kubelet {
     root: PathBuf,
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
 }
 
-fn key(resource: &str, ns: &str, name: &str) -> Key {
-    let group = if resource == "statefulsets" {
+pub(crate) fn key(resource: &str, ns: &str, name: &str) -> Key {
+    let group = if matches!(resource, "statefulsets" | "deployments") {
         "apps"
     } else {
         ""
@@ -150,7 +150,7 @@ fn key(resource: &str, ns: &str, name: &str) -> Key {
 }
 
 /// Read-modify-write an object in place; no write when `f` changes nothing.
-fn modify(st: &AppState, k: &Key, f: impl FnOnce(&mut Value)) {
+pub(crate) fn modify(st: &AppState, k: &Key, f: impl FnOnce(&mut Value)) {
     let _ = st.store.write(k, |cur, _| -> Result<Write, ApiError> {
         let Some(cur) = cur else {
             return Ok(Write::Keep);
@@ -165,7 +165,13 @@ fn modify(st: &AppState, k: &Key, f: impl FnOnce(&mut Value)) {
     });
 }
 
-fn set_condition(obj: &mut Value, type_: &str, status: bool, reason: &str, message: &str) {
+pub(crate) fn set_condition(
+    obj: &mut Value,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
     let status = if status { "True" } else { "False" };
     let conds = obj["status"]["conditions"]
         .as_array()
@@ -191,7 +197,7 @@ fn set_condition(obj: &mut Value, type_: &str, status: bool, reason: &str, messa
     obj["status"]["conditions"] = Value::Array(out);
 }
 
-fn condition_true(obj: &Value, type_: &str) -> bool {
+pub(crate) fn condition_true(obj: &Value, type_: &str) -> bool {
     obj["status"]["conditions"]
         .as_array()
         .into_iter()
@@ -285,6 +291,7 @@ impl Kubelet {
         let task = tokio::spawn(async move {
             loop {
                 reconcile_statefulsets(&st);
+                crate::deployments::reconcile(&st);
                 schedule(&st, &inn);
                 run_pods(&st, &inn, &cfg, &dns_server).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -401,7 +408,7 @@ fn register_node(st: &AppState, n: &NodeSpec) {
     );
 }
 
-fn template_hash(template: &Value) -> String {
+pub(crate) fn template_hash(template: &Value) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     template.to_string().hash(&mut h);
     format!("{:08x}", h.finish() as u32)
@@ -853,9 +860,15 @@ fn spawn(
         .into_iter()
         .map(|(k, v)| (k, rewrite(&v, &mounts)))
         .collect();
+    let mut env = env;
     let log_path = dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c")));
     let io = |e: std::io::Error| ("RunContainerError".to_string(), e.to_string());
     std::fs::create_dir_all(&dir).map_err(io)?;
+    if !env.iter().any(|(k, _)| k == "KUBECONFIG")
+        && let Some(path) = service_account_kubeconfig(st, pod, &dir).map_err(io)?
+    {
+        env.push(("KUBECONFIG".into(), path.display().to_string()));
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -879,6 +892,34 @@ fn spawn(
             format!("starting {:?}: {e}", argv[0]),
         )
     })
+}
+
+/// The pod's service-account credentials. A cluster mounts a token and CA under
+/// `/var/run/secrets/kubernetes.io/serviceaccount` for in-cluster config; processes here cannot
+/// see that path, so the kubelet writes a kubeconfig in the pod's folder instead (clients read
+/// `KUBECONFIG` first) whose token names the service account. `None` when the pod opts out with
+/// `automountServiceAccountToken: false`.
+fn service_account_kubeconfig(
+    st: &AppState,
+    pod: &Value,
+    dir: &Path,
+) -> std::io::Result<Option<PathBuf>> {
+    if pod["spec"]["automountServiceAccountToken"] == json!(false) {
+        return Ok(None);
+    }
+    let Ok(addr) = st.address.parse::<std::net::SocketAddr>() else {
+        return Ok(None);
+    };
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+    let sa = pod["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or("default");
+    let user = format!("{}{ns}:{sa}", crate::server::SERVICE_ACCOUNT_PREFIX);
+    let path = dir.join("serviceaccount.kubeconfig");
+    let text = crate::kubeconfig_for(addr, &user, &user)
+        .replace("namespace: default", &format!("namespace: {ns}"));
+    std::fs::write(&path, text)?;
+    Ok(Some(path))
 }
 
 fn resolve_port(c: &Value, port: &Value) -> Option<u16> {

@@ -6,12 +6,14 @@
 //! [`Audit`] log (every request, as RBAC sees it). See `e2e/README.md` for what it implements
 //! and where it differs from kube-apiserver.
 
+mod deployments;
 pub mod dns;
 pub mod error;
 pub mod faults;
 pub mod kubelet;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod schema;
 pub mod selectors;

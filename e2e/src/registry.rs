@@ -246,6 +246,30 @@ pub fn builtins() -> Vec<ResourceInfo> {
         label_selector: None,
     });
     sts.categories = vec!["all".into()];
+    let mut deploy = builtin(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        true,
+        &["deploy"],
+        true,
+        true,
+    );
+    deploy.scale = sts.scale.clone();
+    deploy.categories = vec!["all".into()];
+    let rbac = |resource: &str, kind: &str, namespaced: bool| {
+        builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            resource,
+            kind,
+            namespaced,
+            &[],
+            false,
+            false,
+        )
+    };
     let mut pods = builtin("", "v1", "pods", "Pod", true, &["po"], true, true);
     pods.categories = vec!["all".into()];
     let mut svc = builtin("", "v1", "services", "Service", true, &["svc"], true, false);
@@ -297,6 +321,21 @@ pub fn builtins() -> Vec<ResourceInfo> {
             false,
         ),
         sts,
+        deploy,
+        rbac("clusterroles", "ClusterRole", false),
+        rbac("clusterrolebindings", "ClusterRoleBinding", false),
+        rbac("roles", "Role", true),
+        rbac("rolebindings", "RoleBinding", true),
+        builtin(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+            false,
+            true,
+        ),
         builtin(
             "coordination.k8s.io",
             "v1",

@@ -223,7 +223,7 @@ fn columns(info: &ResourceInfo) -> Vec<PrinterColumn> {
             ));
             cols.push(age);
         }
-        (None, "apps", "statefulsets") => {
+        (None, "apps", "statefulsets" | "deployments") => {
             cols.push(col("Ready", "string", "", "ready replicas / replicas", 0));
             cols.push(age);
         }
@@ -265,7 +265,7 @@ fn computed(info: &ResourceInfo, column: &str, obj: &Value) -> Option<Value> {
                 "NotReady"
             }))
         }
-        ("statefulsets", "Ready") => Some(json!(format!(
+        ("statefulsets" | "deployments", "Ready") => Some(json!(format!(
             "{}/{}",
             obj["status"]["readyReplicas"].as_i64().unwrap_or(0),
             obj["spec"]["replicas"].as_i64().unwrap_or(1)

@@ -250,6 +250,10 @@ struct OperatorArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080", env = "WHALEFLUX_METRICS_ADDR")]
     metrics_addr: std::net::SocketAddr,
+    /// Listen on this address instead of --metrics-addr's host (a pod's IP from the downward
+    /// API, so replicas sharing a network never collide).
+    #[arg(long, value_name = "IP")]
+    metrics_host: Option<std::net::IpAddr>,
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "whaleflux-operator")]
     lease_name: String,
@@ -265,11 +269,16 @@ struct OperatorArgs {
     /// Reconciles at once per controller (0 = unbounded).
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// Cluster-wide settings for every worker pod (YAML: workerImage, imagePullSecrets,
+    /// gpuTolerations), as the Helm chart's ConfigMap mounts them.
+    #[arg(long, value_name = "FILE", env = "WHALEFLUX_OPERATOR_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     use std::time::Duration;
     use whaleflux_operator::controller::{self, LeaseConfig, OperatorConfig};
+    use whaleflux_operator::resources::settings::ClusterSettings;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -277,8 +286,20 @@ fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         format!("{host}-{}", std::process::id())
     });
     let duration = Duration::from_secs(args.lease_duration_seconds);
+    let settings = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the operator settings {}", path.display()))?;
+            ClusterSettings::from_yaml(&text).with_context(|| path.display().to_string())?
+        }
+        None => ClusterSettings::default(),
+    };
+    let mut listen = args.metrics_addr;
+    if let Some(host) = args.metrics_host {
+        listen.set_ip(host);
+    }
     let cfg = OperatorConfig {
-        listen: args.metrics_addr,
+        listen,
         lease: LeaseConfig {
             name: args.lease_name,
             namespace: args.lease_namespace,
@@ -288,6 +309,7 @@ fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             retry_every: (duration / 5).max(Duration::from_millis(500)),
         },
         concurrency: args.concurrency,
+        settings,
     };
     tracing::info!(identity = %cfg.lease.identity, "starting the WhaleFlux operator");
     let rt = tokio::runtime::Builder::new_multi_thread()

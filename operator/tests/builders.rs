@@ -14,6 +14,7 @@ use whaleflux_operator::planner::{self, PlanRequest, Pool};
 use whaleflux_operator::resources::children::{
     self, BuildError, CONFIG_HASH_ANNOTATION, Children, GROUP_LABEL, POD_INDEX_LABEL,
 };
+use whaleflux_operator::resources::settings::ClusterSettings;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -108,7 +109,7 @@ fn golden(name: &str, actual: &str) {
 fn smollm2_on_rtx4090_hostpath_matches_golden() {
     let d = example("smollm2-135m.yaml");
     let plan = fixed_plan("smollm2-135m");
-    let c = children::build(&d, &plan, "s3cr3t").expect("build");
+    let c = children::build(&d, &plan, "s3cr3t", &ClusterSettings::default()).expect("build");
     golden("smollm2-135m.yaml", &to_yaml(&c));
 
     assert_eq!(c.groups.len(), 1);
@@ -160,7 +161,7 @@ fn smollm2_on_rtx4090_hostpath_matches_golden() {
 fn llama70b_two_groups_on_pvc_matches_golden() {
     let d = example("llama-3.1-70b.yaml");
     let plan = fixed_plan("llama-3.1-70b");
-    let c = children::build(&d, &plan, "s3cr3t").expect("build");
+    let c = children::build(&d, &plan, "s3cr3t", &ClusterSettings::default()).expect("build");
     golden("llama-3.1-70b.yaml", &to_yaml(&c));
 
     assert_eq!(c.groups.len(), 2, "one StatefulSet per replica group");
@@ -216,10 +217,10 @@ fn llama70b_two_groups_on_pvc_matches_golden() {
 fn config_changes_change_the_pod_template_hash() {
     let d = example("smollm2-135m.yaml");
     let plan = plan_for(&d, "1x4xRTX4090");
-    let a = children::build(&d, &plan, "x").expect("build");
+    let a = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
     let mut d2 = d.clone();
     d2.spec.serving.max_concurrent_sequences += 1;
-    let b = children::build(&d2, &plan, "x").expect("build");
+    let b = children::build(&d2, &plan, "x", &ClusterSettings::default()).expect("build");
     let hash = |c: &Children| {
         c.groups[0]
             .statefulset
@@ -240,7 +241,7 @@ fn url_weights_download_into_an_empty_dir() {
     d.spec.model.weights.source.path = None;
     d.spec.model.weights.source.url = Some("https://example.com/m/smol.gguf?download=1".into());
     let plan = plan_for(&d, "1x4xRTX4090");
-    let c = children::build(&d, &plan, "x").expect("build");
+    let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
     let pod = pod_spec(&c);
     let init = &pod.init_containers.as_ref().expect("init container")[0];
     assert_eq!(
@@ -265,7 +266,7 @@ fn url_weights_download_into_an_empty_dir() {
         claim_name: "weights".into(),
         path: "smol/model.gguf".into(),
     });
-    let c = children::build(&d, &plan, "x").expect("build");
+    let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
     let cfg: WorkerConfig =
         serde_json::from_str(&c.groups[0].config_map.data.as_ref().expect("data")["worker.json"])
             .expect("config");
@@ -282,11 +283,17 @@ fn a_plan_without_nodes_pins_no_pod() {
     for s in &mut plan.stages {
         s.node.clear();
     }
-    let c = children::build(&d, &plan, "x").expect("build");
+    let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
     let pod = pod_spec(&c);
     assert_eq!(pod.affinity, None);
     // With a node, the pod is pinned to it.
-    let c = children::build(&d, &fixed_plan("smollm2-135m"), "x").expect("build");
+    let c = children::build(
+        &d,
+        &fixed_plan("smollm2-135m"),
+        "x",
+        &ClusterSettings::default(),
+    )
+    .expect("build");
     let pod = pod_spec(&c);
     assert!(pod.affinity.is_some());
 }
@@ -297,14 +304,14 @@ fn zero_replicas_build_no_groups_and_missing_uid_is_an_error() {
     let plan = plan_for(&d, "1x4xRTX4090");
     d.spec.replicas = 0;
     assert!(
-        children::build(&d, &plan, "x")
+        children::build(&d, &plan, "x", &ClusterSettings::default())
             .expect("build")
             .groups
             .is_empty()
     );
     d.metadata.uid = None;
     assert_eq!(
-        children::build(&d, &plan, "x").unwrap_err(),
+        children::build(&d, &plan, "x", &ClusterSettings::default()).unwrap_err(),
         BuildError::MissingMetadata("uid")
     );
 }
@@ -312,9 +319,21 @@ fn zero_replicas_build_no_groups_and_missing_uid_is_an_error() {
 #[test]
 fn scaling_up_keeps_the_running_groups_hash() {
     let mut d = example("smollm2-135m.yaml");
-    let one = children::build(&d, &plan_for(&d, "2x4xRTX4090"), "x").expect("build");
+    let one = children::build(
+        &d,
+        &plan_for(&d, "2x4xRTX4090"),
+        "x",
+        &ClusterSettings::default(),
+    )
+    .expect("build");
     d.spec.replicas = 2;
-    let two = children::build(&d, &plan_for(&d, "2x4xRTX4090"), "x").expect("build");
+    let two = children::build(
+        &d,
+        &plan_for(&d, "2x4xRTX4090"),
+        "x",
+        &ClusterSettings::default(),
+    )
+    .expect("build");
     assert_eq!(two.groups.len(), 2);
     assert_eq!(
         one.groups[0].config_hash, two.groups[0].config_hash,

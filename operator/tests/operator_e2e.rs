@@ -2,7 +2,8 @@
 //! in-memory API server, real `kubectl`, and real `whaleflux-worker` processes (run by the process
 //! kubelet) loading SmolLM2 from `$WHALEFLUX_TEST_MODEL` through a hostPath volume. Creation to
 //! Ready, scale to 2 and back, a spec change rolled one group at a time, deletion removing
-//! everything; and the operator's calls against the ClusterRole the chart ships.
+//! everything; and the operator's calls against the chart's RBAC rules (its ClusterRole and its
+//! leader-election Role).
 //!
 //! Needs `WHALEFLUX_TEST_MODEL`, `kubectl`, and the worker binary (`cargo build -p
 //! whaleflux-worker`).
@@ -57,27 +58,31 @@ async fn pod_uids(api: &Api<Pod>) -> Vec<(String, String)> {
     v
 }
 
-/// The (group, resource, verb) triples the ClusterRole grants.
+/// The (group, resource, verb) triples the chart grants: its ClusterRole's rules and its
+/// leader-election Role's (plain YAML lists the chart's templates include verbatim).
 fn cluster_role_grants() -> BTreeSet<(String, String, String)> {
-    let path = root().join("charts/whaleflux/templates/clusterrole.yaml");
-    let text = std::fs::read_to_string(&path).expect("clusterrole readable");
-    let role: serde_json::Value = serde_yaml::from_str(&text).expect("clusterrole is plain YAML");
-    assert_eq!(role["kind"], "ClusterRole");
     let mut out = BTreeSet::new();
-    for rule in role["rules"].as_array().expect("rules") {
-        let list = |k: &str| -> Vec<String> {
-            rule[k]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        };
-        for g in list("apiGroups") {
-            for r in list("resources") {
-                for v in list("verbs") {
-                    assert!(g != "*" && r != "*" && v != "*", "no wildcards in the role");
-                    out.insert((g.clone(), r.clone(), v));
+    for file in ["clusterrole-rules.yaml", "lease-role-rules.yaml"] {
+        let path = root().join("charts/whaleflux/files").join(file);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let rules: serde_json::Value =
+            serde_yaml::from_str(&text).expect("rules are a plain YAML list");
+        for rule in rules.as_array().expect("a list of rules") {
+            let list = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        assert!(g != "*" && r != "*" && v != "*", "no wildcards in the role");
+                        out.insert((g.clone(), r.clone(), v));
+                    }
                 }
             }
         }

@@ -14,7 +14,12 @@ use crate::store::{Key, Stats};
 
 pub(super) fn parse_body(req: &Req) -> Result<Value> {
     let ct = req.header(header::CONTENT_TYPE);
-    if ct.contains("protobuf") || ct.contains("cbor") {
+    if ct.contains("protobuf") {
+        let v = crate::protobuf::decode(&req.body)?;
+        check_shape(&v, false)?;
+        return Ok(v);
+    }
+    if ct.contains("cbor") {
         return Err(ApiError::new(
             415,
             "UnsupportedMediaType",
@@ -150,6 +155,21 @@ pub(super) fn builtin_defaults(info: &ResourceInfo, obj: &mut Value, rv: u64) {
             }
             if obj["spec"]["revisionHistoryLimit"].is_null() {
                 obj["spec"]["revisionHistoryLimit"] = json!(10);
+            }
+        }
+        ("apps", "deployments") => {
+            if obj["spec"]["replicas"].is_null() {
+                obj["spec"]["replicas"] = json!(1);
+            }
+            if obj["spec"]["strategy"].is_null() {
+                obj["spec"]["strategy"] = json!({"type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}});
+            }
+            if obj["spec"]["revisionHistoryLimit"].is_null() {
+                obj["spec"]["revisionHistoryLimit"] = json!(10);
+            }
+            if obj["spec"]["progressDeadlineSeconds"].is_null() {
+                obj["spec"]["progressDeadlineSeconds"] = json!(600);
             }
         }
         _ => {}

@@ -20,6 +20,11 @@ pub(super) enum Propagation {
 fn delete_options(req: &Req) -> Result<(Propagation, Value)> {
     let body: Value = if req.body.is_empty() {
         json!({})
+    } else if req
+        .header(axum::http::header::CONTENT_TYPE)
+        .contains("protobuf")
+    {
+        crate::protobuf::decode(&req.body)?
     } else {
         serde_json::from_slice(&req.body)
             .map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?

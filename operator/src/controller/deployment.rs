@@ -268,7 +268,7 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
     if let (true, Some(plan)) = (planned.condition.0, planned.plan.as_ref()) {
         let secret_api: Api<Secret> = Api::namespaced(client.clone(), &ns);
         let (secret, exists) = group_secret(&secret_api, &name).await?;
-        let built: Children = children::build(&d, plan, &secret)?;
+        let built: Children = children::build(&d, plan, &secret, &ctx.settings)?;
         // The secret is written once: its value must not change under running groups.
         if !exists {
             ssa(&secret_api, &built.secret).await?;

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use whaleflux_crds::{GpuPool, LlmDeployment};
 
 use crate::resources::children::{BuildError, FIELD_MANAGER, MANAGED_BY};
+use crate::resources::settings::ClusterSettings;
 use cache::{GroupIndex, trim, trim_node, trim_statefulset};
 pub use lease::LeaseConfig;
 use ledger::Ledger;
@@ -166,6 +167,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Bumped when nodes or allocations change: the pool controller recomputes every pool.
     pool_trigger: watch::Sender<u64>,
+    /// What the cluster's admin set for every worker pod.
+    pub settings: ClusterSettings,
 }
 
 impl Context {
@@ -184,6 +187,8 @@ pub struct OperatorConfig {
     pub lease: LeaseConfig,
     /// Reconciles run at once per controller (0 = unbounded).
     pub concurrency: u16,
+    /// What the cluster's admin set for every worker pod.
+    pub settings: ClusterSettings,
 }
 
 /// Why the operator stopped.
@@ -297,7 +302,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
 
     let outcome = tokio::select! {
         why = lease::hold(&leases, &cfg.lease, held) => Err(RunError::LostLease(why)),
-        () = controllers(client, metrics.clone(), cfg.concurrency, stopped()) => Ok(()),
+        () = controllers(client, metrics.clone(), cfg.concurrency, cfg.settings.clone(), stopped()) => Ok(()),
     };
     metrics.leader.set(0);
     if outcome.is_ok() {
@@ -378,6 +383,7 @@ async fn controllers(
     client: Client,
     metrics: Arc<Metrics>,
     concurrency: u16,
+    settings: ClusterSettings,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let stop = stop.shared();
@@ -453,6 +459,7 @@ async fn controllers(
         pool_writes: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
         pool_trigger: trigger_tx,
+        settings,
     });
 
     // Rebuild the ledger from the plans the API server holds before planning anything new

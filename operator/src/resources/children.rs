@@ -10,8 +10,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, NodeAffinity,
-    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, LocalObjectReference,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use whaleflux_crds::worker::{CONFIG_KEY, CONFIG_MOUNT_PATH, GROUP_SECRET_ENV, POD_NAME_ENV};
 use whaleflux_crds::{LlmDeployment, Plan, WorkerConfig};
 
+use super::settings::ClusterSettings;
 use super::worker_config::{self, Addressing, PEER_PORT};
 
 /// Field manager of every server-side apply the operator makes.
@@ -39,7 +40,7 @@ pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 pub const SECRET_KEY: &str = "secret";
 /// ConfigMap key holding the plan as JSON (for people and tools; the worker reads `worker.json`).
 pub const PLAN_KEY: &str = "plan.json";
-/// Container image used when `spec.image` is absent.
+/// Container image used when `spec.image` is absent and the cluster settings name none.
 pub const DEFAULT_IMAGE: &str = concat!(
     "ghcr.io/whaleflux/whaleflux-worker:",
     env!("CARGO_PKG_VERSION")
@@ -294,11 +295,13 @@ pub fn owner_reference(deployment: &LlmDeployment) -> Result<OwnerReference, Bui
     })
 }
 
-/// Builds every child of `deployment` for `plan`; `group_secret` is the Secret's value.
+/// Builds every child of `deployment` for `plan`; `group_secret` is the Secret's value,
+/// `settings` what the cluster's admin set for every worker pod.
 pub fn build(
     deployment: &LlmDeployment,
     plan: &Plan,
     group_secret: &str,
+    settings: &ClusterSettings,
 ) -> Result<Children, BuildError> {
     let name = deployment
         .metadata
@@ -315,7 +318,7 @@ pub fn build(
     }
     let owner = owner_reference(deployment)?;
     let groups = (0..deployment.spec.replicas.max(0))
-        .map(|g| build_group(deployment, plan, g, name, ns, &owner))
+        .map(|g| build_group(deployment, plan, g, name, ns, &owner, settings))
         .collect();
     let mut api_selector = worker_selector(name);
     api_selector.insert(POD_INDEX_LABEL.into(), "0".into());
@@ -373,6 +376,7 @@ fn build_group(
     name: &str,
     ns: &str,
     owner: &OwnerReference,
+    settings: &ClusterSettings,
 ) -> GroupChildren {
     let spec = &deployment.spec;
     let sts_name = group_name(name, group);
@@ -456,7 +460,11 @@ fn build_group(
     };
     let container = Container {
         name: "worker".into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into())),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| settings.worker_image.clone()),
+        ),
         // Listen on the pod IP: the API, probes and peers all reach the pod there, and pods
         // that share a network (host networking, the e2e process kubelet) do not collide.
         args: Some(vec![
@@ -545,7 +553,22 @@ fn build_group(
             containers: vec![container],
             init_containers: model.init.map(|c| vec![c]),
             affinity,
-            tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+            tolerations: {
+                let all: Vec<_> = settings
+                    .gpu_tolerations
+                    .iter()
+                    .chain(&spec.tolerations)
+                    .cloned()
+                    .collect();
+                (!all.is_empty()).then_some(all)
+            },
+            image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
+                settings
+                    .image_pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             volumes: Some(vec![
                 Volume {
                     name: "config".into(),

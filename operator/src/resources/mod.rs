@@ -1,4 +1,5 @@
 //! Pure builders: a Plan and an LlmDeployment in, Kubernetes objects and worker configuration out.
 
 pub mod children;
+pub mod settings;
 pub mod worker_config;

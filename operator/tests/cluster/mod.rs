@@ -105,7 +105,15 @@ impl Cluster {
                 server
                     .kubelet(KubeletConfig {
                         nodes,
-                        images: [("whaleflux-worker".to_string(), worker_binary())].into(),
+                        // The chart's images: the worker and the operator itself.
+                        images: [
+                            ("whaleflux-worker".to_string(), worker_binary()),
+                            (
+                                "whaleflux".to_string(),
+                                PathBuf::from(env!("CARGO_BIN_EXE_whaleflux")),
+                            ),
+                        ]
+                        .into(),
                         ..KubeletConfig::default()
                     })
                     .await
