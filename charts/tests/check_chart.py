@@ -286,14 +286,15 @@ def check_deployment(r: Render, *, metrics_port: int, lease_seconds: int, concur
     c = container(r)
     expect("command" not in c, "the container sets command: the image entrypoint is whaleflux")
     want_args = ["operator", "--metrics-addr", f"0.0.0.0:{metrics_port}",
-                 "--lease-name", RELEASE, "--lease-namespace", NAMESPACE,
+                 "--metrics-host", "$(POD_IP)", "--lease-name", RELEASE, "--lease-namespace", NAMESPACE,
                  "--lease-duration-seconds", str(lease_seconds),
                  "--concurrency", str(concurrency),
                  "--config", "/etc/whaleflux/operator.yaml"]
     expect(c["args"] == want_args, f"args {c['args']} != {want_args}")
     expect(c["image"] == image, f"image {c['image']} != {image}")
     env = {e["name"]: e for e in c.get("env", [])}
-    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+    for name, path in (("POD_IP", "status.podIP"), ("POD_NAME", "metadata.name"),
+                       ("POD_NAMESPACE", "metadata.namespace")):
         expect(env.get(name, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == path,
                f"env {name} must come from fieldRef {path}")
     ports = c.get("ports", [])

@@ -165,6 +165,22 @@ async fn serve_config(path: &std::path::Path, host: &str, max_body: usize) -> an
     Ok(())
 }
 
+/// Exits 0 on SIGTERM or SIGINT (a pod's stop, Ctrl-C, `whaleflux run` stopping its group).
+/// Requests in flight end with the process; draining them first is the hardening issue's.
+async fn exit_on_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::warn!("cannot watch SIGTERM; the worker stops only when killed");
+        return;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    tracing::info!(signal = which, "stopping");
+    std::process::exit(0);
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -187,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
             max_queue,
             max_body,
         } => {
+            // Installed before the model loads: a SIGTERM that arrives earlier would be lost,
+            // and as a container's PID 1 the worker has no default action for it.
+            tokio::spawn(exit_on_signal());
             let model = match (model, config) {
                 (_, Some(path)) => return serve_config(&path, &host, max_body).await,
                 (Some(m), None) => m,

@@ -1,5 +1,7 @@
 //! Prometheus metrics shared by the server and the engine loop.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -33,8 +35,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Sequences in the running batch.
     pub running: Gauge,
-    /// KV-cache fill in per mille of capacity (slots × context).
-    pub kv_cache_permille: Gauge,
+    /// KV-cache fill as a share of capacity (slots × context), 0 to 1.
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -89,11 +91,11 @@ impl Metrics {
             "Sequences in the running batch",
             running.clone(),
         );
-        let kv_cache_permille = Gauge::default();
+        let kv_cache_usage = Gauge::<f64, AtomicU64>::default();
         registry.register(
-            "kv_cache_usage_permille",
-            "KV-cache fill in per mille of slots x context",
-            kv_cache_permille.clone(),
+            "kv_cache_usage_ratio",
+            "KV-cache fill as a share of slots x context (0 to 1)",
+            kv_cache_usage.clone(),
         );
         Self {
             registry,
@@ -104,7 +106,7 @@ impl Metrics {
             inter_token,
             queue_depth,
             running,
-            kv_cache_permille,
+            kv_cache_usage,
         }
     }
 

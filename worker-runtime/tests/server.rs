@@ -273,7 +273,7 @@ async fn completions_chat_streaming_logprobs_and_metadata() {
         "whaleflux_worker_time_to_first_token_seconds_bucket",
         "whaleflux_worker_inter_token_seconds_bucket",
         "whaleflux_worker_queue_depth",
-        "whaleflux_worker_kv_cache_usage_permille",
+        "whaleflux_worker_kv_cache_usage_ratio",
     ] {
         assert!(m.contains(name), "metrics lack {name}:\n{m}");
     }

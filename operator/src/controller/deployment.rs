@@ -372,13 +372,13 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
 
     let status = deployment_status(&d, &planned, &groups, rolling, created_now, now);
     let ready = status.ready_replicas;
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .map(|c| (c.status == "True", c.reason.as_str()));
     ctx.metrics
-        .groups_ready
-        .get_or_create(&vec![
-            ("namespace", ns.clone()),
-            ("deployment", name.clone()),
-        ])
-        .set(i64::from(ready));
+        .record_deployment(&ns, &name, d.spec.replicas, ready, degraded);
     if d.status.as_ref() != Some(&status) {
         let api: Api<LlmDeployment> = Api::namespaced(client, &ns);
         super::apply_status(&api, &name, &status).await?;
@@ -473,9 +473,7 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> 
     if ctx.ledger.remove(&key(&d)) {
         ctx.pool_changed();
     }
-    ctx.metrics
-        .groups_ready
-        .remove(&vec![("namespace", ns), ("deployment", name.clone())]);
+    ctx.metrics.forget_deployment(&ns, &name);
     tracing::info!(deployment = %key(&d), "children removed; releasing the finalizer");
     Ok(Action::await_change())
 }

@@ -1,7 +1,8 @@
 //! The operator's Prometheus metrics and its `/metrics`, `/healthz` and `/readyz` endpoints.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -31,6 +32,16 @@ pub struct Metrics {
     pub plans: Family<Labels, Counter>,
     /// Replica groups whose every pod is ready, by deployment.
     pub groups_ready: Family<Labels, Gauge>,
+    /// Replica groups the spec asks for, by deployment.
+    pub groups_desired: Family<Labels, Gauge>,
+    /// 1 while a deployment's Degraded condition is True, labelled with its reason.
+    pub degraded: Family<Labels, Gauge>,
+    /// Whole replica groups recreated after a pod of theirs failed, by deployment.
+    pub group_restarts: Family<Labels, Counter>,
+    /// 1 while a pool's node is quarantined.
+    pub node_quarantined: Family<Labels, Gauge>,
+    /// The label sets last written per deployment / pool, so stale series can go.
+    series: Mutex<HashMap<String, Vec<Labels>>>,
     /// 1 while this process holds the leader Lease.
     pub leader: Gauge,
     /// Whether the API server has answered this process (readiness).
@@ -51,6 +62,10 @@ impl Default for Metrics {
         );
         let plans = Family::<Labels, Counter>::default();
         let groups_ready = Family::<Labels, Gauge>::default();
+        let groups_desired = Family::<Labels, Gauge>::default();
+        let degraded = Family::<Labels, Gauge>::default();
+        let group_restarts = Family::<Labels, Counter>::default();
+        let node_quarantined = Family::<Labels, Gauge>::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
@@ -74,6 +89,26 @@ impl Default for Metrics {
             groups_ready.clone(),
         );
         registry.register(
+            "groups_desired",
+            "Replica groups the LlmDeployment's spec asks for",
+            groups_desired.clone(),
+        );
+        registry.register(
+            "deployment_degraded",
+            "1 while the LlmDeployment's Degraded condition is True (reason: the condition's)",
+            degraded.clone(),
+        );
+        registry.register(
+            "group_restarts",
+            "Whole replica groups recreated after one of their pods failed",
+            group_restarts.clone(),
+        );
+        registry.register(
+            "node_quarantined",
+            "1 while a GpuPool's node is quarantined (whaleflux.io/quarantined-until)",
+            node_quarantined.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this process holds the leader Lease",
             leader.clone(),
@@ -85,6 +120,11 @@ impl Default for Metrics {
             duration,
             plans,
             groups_ready,
+            groups_desired,
+            degraded,
+            group_restarts,
+            node_quarantined,
+            series: Mutex::new(HashMap::new()),
             leader,
             ready: AtomicBool::new(false),
         }
@@ -92,6 +132,74 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Publishes one deployment's groups and Degraded condition (every series exists from the
+    /// first reconcile, at 0 when healthy, so alerts and dashboards see the deployment).
+    pub fn record_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        desired: i32,
+        ready: i32,
+        degraded: Option<(bool, &str)>,
+    ) {
+        let id: Labels = vec![("namespace", ns.into()), ("deployment", name.into())];
+        self.groups_ready.get_or_create(&id).set(i64::from(ready));
+        self.groups_desired
+            .get_or_create(&id)
+            .set(i64::from(desired.max(0)));
+        let _ = self.group_restarts.get_or_create(&id);
+        let mut degraded_labels = id.clone();
+        let (is, reason) = degraded.unwrap_or((false, "AsPlanned"));
+        degraded_labels.push(("reason", reason.into()));
+        self.degraded
+            .get_or_create(&degraded_labels)
+            .set(i64::from(is));
+        self.replace_series(
+            format!("deployment/{ns}/{name}"),
+            vec![degraded_labels],
+            &self.degraded,
+        );
+    }
+
+    /// Drops every series of a deleted deployment.
+    pub fn forget_deployment(&self, ns: &str, name: &str) {
+        let id: Labels = vec![("namespace", ns.into()), ("deployment", name.into())];
+        self.groups_ready.remove(&id);
+        self.groups_desired.remove(&id);
+        self.group_restarts.remove(&id);
+        self.replace_series(
+            format!("deployment/{ns}/{name}"),
+            Vec::new(),
+            &self.degraded,
+        );
+    }
+
+    /// Publishes which of a pool's nodes are quarantined (nodes gone from the pool drop out).
+    pub fn record_pool(&self, pool: &str, nodes: &[(String, bool)]) {
+        let sets: Vec<Labels> = nodes
+            .iter()
+            .map(|(node, q)| {
+                let l: Labels = vec![("pool", pool.into()), ("node", node.clone())];
+                self.node_quarantined.get_or_create(&l).set(i64::from(*q));
+                l
+            })
+            .collect();
+        self.replace_series(format!("pool/{pool}"), sets, &self.node_quarantined);
+    }
+
+    /// Remembers `now` as the series of `owner` in `family`, removing those it replaces.
+    fn replace_series(&self, owner: String, now: Vec<Labels>, family: &Family<Labels, Gauge>) {
+        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let before = if now.is_empty() {
+            series.remove(&owner).unwrap_or_default()
+        } else {
+            series.insert(owner, now.clone()).unwrap_or_default()
+        };
+        for old in before.iter().filter(|l| !now.contains(l)) {
+            family.remove(old);
+        }
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -34,6 +34,15 @@ pub async fn reconcile(pool: Arc<GpuPool>, ctx: Arc<Context>) -> Result<Action, 
     let used = ctx.ledger.used(&name, None);
     let now = Timestamp::now();
     let status = pool_status(&pool, &nodes, &used, now);
+    let quarantined: Vec<(String, bool)> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            let q = n.quarantined_until.as_ref().is_some_and(|t| t.0 > now);
+            (n.name.clone(), q)
+        })
+        .collect();
+    ctx.metrics.record_pool(&name, &quarantined);
     let result = async {
         if pool.status.as_ref() != Some(&status) {
             // A busy pool changes with every plan; its status (one entry per node) is written

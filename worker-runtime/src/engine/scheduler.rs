@@ -323,7 +323,7 @@ fn run(
         });
         let used: usize = active.iter().map(|s| s.cached).sum();
         let cap = (cfg.max_batch.max(1) * cfg.context).max(1);
-        metrics.kv_cache_permille.set((used * 1000 / cap) as i64);
+        metrics.kv_cache_usage.set(used as f64 / cap as f64);
         metrics.running.set(active.len() as i64);
     }
 }
