@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::kubelet::{condition_true, key, modify, now, template_hash};
+use crate::kubelet::{condition_true, key, modify, now, owned_pods, template_hash};
 use crate::selectors::LabelSelector;
 use crate::server::AppState;
 use crate::store::Write;
@@ -33,16 +33,7 @@ fn reconcile_one(st: &AppState, ns: &str, name: &str, d: &Value) {
     let hash = template_hash(template);
     let uid = d["metadata"]["uid"].as_str().unwrap_or_default();
     let recreate = d["spec"]["strategy"]["type"] == json!("Recreate");
-    let (pods, _) = st.store.list("", "pods", Some(ns));
-    let owned: Vec<Arc<Value>> = pods
-        .into_iter()
-        .map(|(_, p)| p)
-        .filter(|p| {
-            p["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|o| o["uid"] == json!(uid)))
-        })
-        .collect();
+    let owned = owned_pods(st, ns, uid);
     let live = |p: &&Arc<Value>| p["metadata"]["deletionTimestamp"].is_null();
     let is_new = |p: &&Arc<Value>| p["metadata"]["labels"]["pod-template-hash"] == json!(hash);
     let old: Vec<&Arc<Value>> = owned.iter().filter(live).filter(|p| !is_new(p)).collect();

@@ -408,6 +408,19 @@ fn register_node(st: &AppState, n: &NodeSpec) {
     );
 }
 
+/// The pods in `ns` whose owner references name `uid`.
+pub(crate) fn owned_pods(st: &AppState, ns: &str, uid: &str) -> Vec<Arc<Value>> {
+    let (pods, _) = st.store.list("", "pods", Some(ns));
+    pods.into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| {
+            p["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|o| o["uid"] == json!(uid)))
+        })
+        .collect()
+}
+
 pub(crate) fn template_hash(template: &Value) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     template.to_string().hash(&mut h);
@@ -430,16 +443,7 @@ fn reconcile_statefulsets(st: &AppState) {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let (pods, _) = st.store.list("", "pods", Some(&k.namespace));
-        let owned: Vec<Arc<Value>> = pods
-            .into_iter()
-            .map(|(_, p)| p)
-            .filter(|p| {
-                p["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|r| r.iter().any(|o| o["uid"] == json!(uid)))
-            })
-            .collect();
+        let owned = owned_pods(st, &k.namespace, &uid);
         for ordinal in 0..replicas {
             let pod_name = format!("{name}-{ordinal}");
             let existing = owned

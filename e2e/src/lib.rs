@@ -448,3 +448,20 @@ impl Drop for ApiServer {
         self.state.faults.close_watches();
     }
 }
+
+/// The SmolLM2 GGUF tests load, from `$WHALEFLUX_TEST_MODEL`; a test without it fails saying
+/// how to get it.
+pub fn test_model() -> PathBuf {
+    let path = std::env::var_os("WHALEFLUX_TEST_MODEL").unwrap_or_else(|| {
+        panic!(
+            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}

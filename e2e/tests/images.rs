@@ -55,21 +55,6 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-fn model() -> PathBuf {
-    let path = std::env::var_os("WHALEFLUX_TEST_MODEL").unwrap_or_else(|| {
-        panic!(
-            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
-        )
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
-
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -578,7 +563,7 @@ impl Drop for Container {
 #[test]
 fn worker_image_serves_the_model_as_non_root_pid_1() {
     require_root();
-    let model = model();
+    let model = whaleflux_e2e::test_model();
     let tmp = TempDir::new("worker");
     let archive = build_image(
         &tmp.0.join("out"),

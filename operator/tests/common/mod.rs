@@ -215,18 +215,7 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output
 
 /// The SmolLM2 GGUF the workers load, from `$WHALEFLUX_TEST_MODEL`.
 pub fn model() -> PathBuf {
-    let path = env::var("WHALEFLUX_TEST_MODEL").unwrap_or_else(|_| {
-        panic!(
-            "WHALEFLUX_TEST_MODEL is not set: export WHALEFLUX_TEST_MODEL=$(scripts/fetch-model.sh)"
-        )
-    });
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "WHALEFLUX_TEST_MODEL={} is not a file; run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
+    whaleflux_e2e::test_model()
 }
 
 /// The worker binary beside `whaleflux` (what `whaleflux run` and the kubelet start).
