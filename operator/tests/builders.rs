@@ -340,3 +340,54 @@ fn scaling_up_keeps_the_running_groups_hash() {
         "adding a group must not restart group 0"
     );
 }
+
+#[test]
+fn cluster_settings_reach_every_worker_pod_and_the_spec_still_wins() {
+    let mut d = example("smollm2-135m.yaml");
+    let plan = fixed_plan("smollm2-135m");
+    let settings = ClusterSettings::from_yaml(
+        "workerImage: registry.example/wf/worker@sha256:00ff\n\
+         imagePullSecrets: [regcred]\n\
+         gpuTolerations:\n  - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}\n",
+    )
+    .expect("settings");
+    let c = children::build(&d, &plan, "x", &settings).expect("build");
+    let pod = pod_spec(&c);
+    assert_eq!(
+        pod.containers[0].image.as_deref(),
+        Some("registry.example/wf/worker@sha256:00ff")
+    );
+    let pulls: Vec<&str> = pod
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(pulls, ["regcred"]);
+    let keys = |p: &k8s_openapi::api::core::v1::PodSpec| -> Vec<String> {
+        p.tolerations
+            .iter()
+            .flatten()
+            .map(|t| t.key.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(keys(&pod), ["nvidia.com/gpu"]);
+
+    // The deployment's own image and tolerations: the image replaces the default, the
+    // tolerations come after the cluster's.
+    d.spec.image = Some("team/worker:dev".into());
+    d.spec.tolerations = vec![k8s_openapi::api::core::v1::Toleration {
+        key: Some("team".into()),
+        operator: Some("Exists".into()),
+        ..Default::default()
+    }];
+    let pod = pod_spec(&children::build(&d, &plan, "x", &settings).expect("build"));
+    assert_eq!(pod.containers[0].image.as_deref(), Some("team/worker:dev"));
+    assert_eq!(keys(&pod), ["nvidia.com/gpu", "team"]);
+
+    // No settings: the built-in image, no pull secrets, only the spec's tolerations.
+    let pod =
+        pod_spec(&children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build"));
+    assert!(pod.image_pull_secrets.is_none());
+    assert_eq!(keys(&pod), ["team"]);
+}

@@ -262,3 +262,116 @@ async fn helm_install_upgrade_uninstall() {
     })
     .await;
 }
+
+/// The Prometheus Operator's kinds, as far as the API server needs them to store objects (the
+/// chart's monitoring objects are checked against their real structure by `check_chart.py`).
+fn monitoring_crds() -> String {
+    ["ServiceMonitor", "PodMonitor", "PrometheusRule"]
+        .iter()
+        .map(|kind| {
+            let plural = format!("{}s", kind.to_ascii_lowercase());
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+                 metadata: {{name: {plural}.monitoring.coreos.com}}\n\
+                 spec:\n  group: monitoring.coreos.com\n  scope: Namespaced\n\
+                 \x20 names: {{kind: {kind}, plural: {plural}, singular: {}}}\n\
+                 \x20 versions:\n  - name: v1\n    served: true\n    storage: true\n\
+                 \x20   schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n",
+                kind.to_ascii_lowercase()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_with_every_toggle_on() {
+    let c = Cluster::start(Vec::new(), false).await;
+    bounded(Duration::from_secs(240), async {
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&monitoring_crds()));
+        let installed = helm(
+            &c,
+            &[
+                "install",
+                "--create-namespace",
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+                "--set",
+                "metrics.podMonitor.enabled=true",
+                "--set",
+                "metrics.prometheusRule.enabled=true",
+                "--set",
+                "grafana.dashboards.enabled=true",
+                "--set",
+                "networkPolicy.enabled=true",
+                "--set-json",
+                "imagePullSecrets=[{\"name\": \"regcred\"}]",
+            ],
+        );
+        assert_eq!(installed["status"], "deployed", "{installed}");
+        for kind in [
+            "servicemonitor",
+            "podmonitor",
+            "prometheusrule",
+            "networkpolicy",
+        ] {
+            let names = c.kubectl_ok(&["get", kind, "-n", NS, "-o", "name"], None);
+            assert_eq!(names.lines().count(), 1, "one {kind}: {names}");
+        }
+        let dashboards = c.kubectl_ok(
+            &[
+                "get",
+                "configmaps",
+                "-n",
+                NS,
+                "-l",
+                "grafana_dashboard=1",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        assert_eq!(dashboards.lines().count(), 3, "{dashboards}");
+        let settings = c.kubectl_ok(
+            &[
+                "get",
+                "configmap",
+                "whaleflux-config",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.data.operator\\.yaml}",
+            ],
+            None,
+        );
+        assert!(settings.contains("regcred"), "{settings}");
+
+        helm(&c, &["uninstall"]);
+        for kind in [
+            "servicemonitor",
+            "podmonitor",
+            "prometheusrule",
+            "networkpolicy",
+            "configmaps",
+        ] {
+            let left = c.kubectl_ok(
+                &[
+                    "get",
+                    kind,
+                    "-n",
+                    NS,
+                    "-l",
+                    "app.kubernetes.io/instance=whaleflux",
+                    "-o",
+                    "name",
+                ],
+                None,
+            );
+            assert!(
+                left.trim().is_empty(),
+                "{kind} left after uninstall: {left}"
+            );
+        }
+    })
+    .await;
+}
