@@ -9,6 +9,7 @@
 mod deployments;
 pub mod dns;
 pub mod error;
+pub mod fake_nvml;
 pub mod faults;
 pub mod kubelet;
 pub mod openapi;

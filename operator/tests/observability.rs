@@ -3,11 +3,11 @@
 //! `whaleflux operator` (against the in-memory API server and process kubelet, running the
 //! smollm2 example to Ready, one StatefulSet apply failing) are scraped; then
 //! `charts/tests/check_observability.py` checks that every metric the dashboards and rules name
-//! is exported (`exprs --exported`; the GPU families have no samples without a GPU, and a
-//! family without samples is not in /metrics, so they are exempt), runs the promtool unit
-//! tests of the alerts (`rules`), and has a real Prometheus scrape both binaries and find data
-//! for every serving and operator panel (`prometheus --no-gpu`: no GPU here). All three run;
-//! the test then fails with every failed check's output.
+//! is exported (`exprs --exported`; the worker sees two H100s through the fake NVML from
+//! `e2e/`, loaded with its ordinary `--nvml-library` option), runs the promtool unit tests of
+//! the alerts (`rules`), and has a real Prometheus scrape both binaries and find data for every
+//! panel, the GPU fleet's included. All three run; the test then fails with every failed
+//! check's output.
 //!
 //! Needs `WHALEFLUX_TEST_MODEL`, `WHALEFLUX_PYTHON` (a Python with PyYAML and helm-python-sdk),
 //! `kubectl`, and `promtool` and `prometheus` on PATH (Debian's `prometheus` package).
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use cluster::{Cluster, bounded, eventually, root, rtx_nodes};
 use whaleflux_e2e::RequestMatch;
+use whaleflux_e2e::fake_nvml::{self, FakeNode};
 use whaleflux_operator::local::http;
 
 /// The name clients send for the standalone worker's model.
@@ -64,15 +65,24 @@ struct Worker {
 }
 
 impl Worker {
+    /// The worker sees two H100s through the fake NVML (its ordinary `--nvml-library`).
     fn start(dir: &Path) -> Self {
         let port = common::free_port();
         let log = dir.join("worker.log");
         let file = std::fs::File::create(&log).expect("worker log");
+        let library = fake_nvml::build(dir).expect("the fake NVML builds");
+        let state = dir.join("gpus.state");
+        let mut node = FakeNode::h100s(2);
+        node.gpus[1].throttle_reasons = 0x4;
+        node.write(&state).expect("fake GPU state");
         let child = Command::new(common::worker_binary())
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--threads", "1", "--ctx", "512", "--max-batch", "1"])
             .args(["--max-queue", "1", "--model-name", MODEL_NAME, "--model"])
             .arg(common::model())
+            .args(["--gpu-sample-seconds", "1", "--nvml-library"])
+            .arg(&library)
+            .env(fake_nvml::STATE_ENV, &state)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -178,7 +188,8 @@ fn serve_and_refuse(w: &Worker) {
         assert_eq!(complete_status(w.addr, tokens), 200, "{}", w.log_text());
     }
     let addr = w.addr;
-    let long = thread::spawn(move || complete_status(addr, 96));
+    // Long enough to still run while the next two arrive, on a loaded machine too.
+    let long = thread::spawn(move || complete_status(addr, 256));
     w.wait_gauge("whaleflux_worker_running_sequences", 1.0);
     let queued = thread::spawn(move || complete_status(addr, 1));
     w.wait_gauge("whaleflux_worker_queue_depth", 1.0);
@@ -242,7 +253,6 @@ async fn dashboards_and_alerts_match_the_exported_metrics() {
                     "--exported",
                     &worker_file.display().to_string(),
                     &operator_file.display().to_string(),
-                    "--no-gpu",
                 ],
                 Duration::from_secs(120),
             )
@@ -258,7 +268,7 @@ async fn dashboards_and_alerts_match_the_exported_metrics() {
             // A real Prometheus finds data for every serving and operator panel.
             let targets = format!("{},127.0.0.1:{}", worker.addr, op.port);
             let scraped = check(
-                &["prometheus", "--targets", &targets, "--no-gpu"],
+                &["prometheus", "--targets", &targets],
                 Duration::from_secs(180),
             );
             let failed: Vec<String> = [exported, rules, scraped]

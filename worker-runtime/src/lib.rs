@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod comm;
 pub mod engine;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod server;

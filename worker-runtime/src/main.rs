@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use whaleflux_worker::engine::sampling::argmax;
 use whaleflux_worker::engine::{KvCache, SeqInput};
+use whaleflux_worker::health::MonitorConfig;
 use whaleflux_worker::metrics::Metrics;
 use whaleflux_worker::server::{AppState, router};
 use whaleflux_worker::{Runtime, ServeOptions};
@@ -55,6 +56,12 @@ enum Cmd {
         /// Largest request body in bytes.
         #[arg(long, default_value_t = 1 << 20)]
         max_body: usize,
+        /// The NVML library to load for GPU health (default: the driver's libnvidia-ml.so.1).
+        #[arg(long, value_name = "FILE", env = "WHALEFLUX_NVML_LIBRARY")]
+        nvml_library: Option<PathBuf>,
+        /// Seconds between two GPU health samples.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        gpu_sample_seconds: u64,
     },
     /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
     /// each against one rank in the same run); prints JSON.
@@ -124,7 +131,12 @@ fn die(reason: &str) -> ! {
 }
 
 /// Serve one process of a replica group from its rendered configuration.
-async fn serve_config(path: &std::path::Path, host: &str, max_body: usize) -> anyhow::Result<()> {
+async fn serve_config(
+    path: &std::path::Path,
+    host: &str,
+    max_body: usize,
+    health: MonitorConfig,
+) -> anyhow::Result<()> {
     let (cfg, stage) = read_config(path)?;
     let port = u16::try_from(cfg.ports.http).with_context(|| {
         format!(
@@ -138,6 +150,7 @@ async fn serve_config(path: &std::path::Path, host: &str, max_body: usize) -> an
     let group = whaleflux_worker::GroupProcess::new(cfg, stage, host, Some(hook))
         .context("cannot join the replica group")?;
     let metrics = Arc::new(Metrics::new());
+    whaleflux_worker::health::spawn(health, metrics.clone())?;
     let state = AppState::new(name.clone(), metrics.clone());
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
@@ -202,12 +215,18 @@ async fn main() -> anyhow::Result<()> {
             max_batch,
             max_queue,
             max_body,
+            nvml_library,
+            gpu_sample_seconds,
         } => {
+            let health = MonitorConfig {
+                library: nvml_library,
+                every: std::time::Duration::from_secs(gpu_sample_seconds),
+            };
             // Installed before the model loads: a SIGTERM that arrives earlier would be lost,
             // and as a container's PID 1 the worker has no default action for it.
             tokio::spawn(exit_on_signal());
             let model = match (model, config) {
-                (_, Some(path)) => return serve_config(&path, &host, max_body).await,
+                (_, Some(path)) => return serve_config(&path, &host, max_body, health).await,
                 (Some(m), None) => m,
                 (None, None) => anyhow::bail!("give --model FILE or --config FILE"),
             };
@@ -217,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
                     .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
             });
             let metrics = Arc::new(Metrics::new());
+            whaleflux_worker::health::spawn(health, metrics.clone())?;
             let state = AppState::new(name.clone(), metrics.clone());
             let listener = tokio::net::TcpListener::bind((host.as_str(), port))
                 .await

@@ -1,4 +1,4 @@
-//! Prometheus metrics shared by the server and the engine loop.
+//! Prometheus metrics shared by the server, the engine loop and the GPU health sampler.
 
 use std::sync::atomic::AtomicU64;
 
@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::health::metrics::GpuMetrics;
 
 /// Labels of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +39,8 @@ pub struct Metrics {
     pub running: Gauge,
     /// KV-cache fill as a share of capacity (slots × context), 0 to 1.
     pub kv_cache_usage: Gauge<f64, AtomicU64>,
+    /// The GPUs this process uses (`whaleflux_gpu_*`).
+    pub gpu: GpuMetrics,
 }
 
 impl Default for Metrics {
@@ -48,7 +52,10 @@ impl Default for Metrics {
 impl Metrics {
     /// Create and register all metrics.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("whaleflux_worker");
+        let mut root = Registry::default();
+        let gpu = GpuMetrics::default();
+        gpu.register(root.sub_registry_with_prefix("whaleflux_gpu"));
+        let registry = root.sub_registry_with_prefix("whaleflux_worker");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -98,7 +105,7 @@ impl Metrics {
             kv_cache_usage.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             prompt_tokens,
             generated_tokens,
@@ -107,6 +114,7 @@ impl Metrics {
             queue_depth,
             running,
             kv_cache_usage,
+            gpu,
         }
     }
 

@@ -84,13 +84,24 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
+/// The process runs; the body says what the GPU sampler found (`ok: 2 GPU(s)`, `ok: no GPU
+/// (...)`), so a person probing a pod sees at once whether NVML works there.
+async fn healthz(State(st): State<Arc<AppState>>) -> String {
+    let gpus = st.metrics.gpu.status();
+    if gpus.is_empty() {
+        "ok".into()
+    } else {
+        format!("ok: {gpus}")
+    }
+}
+
 /// The router, with a request-body limit in bytes.
 pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))

@@ -1,0 +1,191 @@
+//! The GPU metric families (`whaleflux_gpu_*`), one series per GPU labelled with its index,
+//! UUID and model; named after DCGM's fields with Prometheus units. NVML's cumulative counts
+//! (ECC, NVLink) become counters that grow by what NVML's counts grew.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::verdict::{FATAL_REASONS, THROTTLE_REASONS};
+use super::{GpuSample, Verdict};
+
+/// Label set: name/value pairs.
+pub type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every GPU family the worker exports.
+#[derive(Default)]
+pub struct GpuMetrics {
+    temperature: Family<Labels, Gauge>,
+    slowdown_temperature: Family<Labels, Gauge>,
+    power: Family<Labels, FloatGauge>,
+    power_limit: Family<Labels, FloatGauge>,
+    memory_used: Family<Labels, Gauge>,
+    memory_total: Family<Labels, Gauge>,
+    utilization: Family<Labels, FloatGauge>,
+    /// Counted by the failover work's XID event reader (label `xid`).
+    pub xid_errors: Family<Labels, Counter>,
+    ecc_uncorrected: Family<Labels, Counter>,
+    nvlink_errors: Family<Labels, Counter>,
+    throttled: Family<Labels, Gauge>,
+    healthy: Family<Labels, Gauge>,
+    fatal: Family<Labels, Gauge>,
+    /// What the sampler found (`2 GPU(s)`, `no GPU (NVML: ...)`), for `/healthz`.
+    status: Mutex<String>,
+    /// Faults seen, latched per GPU: a lost GPU stays lost until the process restarts.
+    latched: Mutex<HashMap<String, &'static str>>,
+}
+
+impl GpuMetrics {
+    /// Registers the families under `registry` (prefix `whaleflux_gpu`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "temperature_celsius",
+            "GPU die temperature (DCGM_FI_DEV_GPU_TEMP)",
+            self.temperature.clone(),
+        );
+        registry.register(
+            "slowdown_temperature_celsius",
+            "Temperature where the GPU starts hardware slowdown",
+            self.slowdown_temperature.clone(),
+        );
+        registry.register(
+            "power_watts",
+            "Power draw (DCGM_FI_DEV_POWER_USAGE)",
+            self.power.clone(),
+        );
+        registry.register(
+            "power_limit_watts",
+            "Enforced power limit",
+            self.power_limit.clone(),
+        );
+        registry.register(
+            "memory_used_bytes",
+            "Frame buffer in use (DCGM_FI_DEV_FB_USED)",
+            self.memory_used.clone(),
+        );
+        registry.register(
+            "memory_total_bytes",
+            "Frame buffer installed",
+            self.memory_total.clone(),
+        );
+        registry.register(
+            "utilization_ratio",
+            "Share of the last sample period a kernel ran (DCGM_FI_DEV_GPU_UTIL / 100)",
+            self.utilization.clone(),
+        );
+        registry.register(
+            "xid_errors",
+            "XID errors by code (DCGM_FI_DEV_XID_ERRORS)",
+            self.xid_errors.clone(),
+        );
+        registry.register(
+            "ecc_uncorrected_errors",
+            "Uncorrected ECC errors since the driver loaded (DCGM_FI_DEV_ECC_DBE_VOL_TOTAL)",
+            self.ecc_uncorrected.clone(),
+        );
+        registry.register(
+            "nvlink_errors",
+            "NVLink replay, recovery and CRC errors by link",
+            self.nvlink_errors.clone(),
+        );
+        registry.register(
+            "throttled",
+            "1 while a hardware or power reason slows the clocks (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS)",
+            self.throttled.clone(),
+        );
+        registry.register(
+            "healthy",
+            "0 once a fatal fault was seen on the GPU",
+            self.healthy.clone(),
+        );
+        registry.register(
+            "fatal_fault",
+            "1 once a fatal fault of this reason was seen on the GPU",
+            self.fatal.clone(),
+        );
+    }
+
+    /// What the sampler found.
+    pub fn status(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(super) fn set_status(&self, status: String) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    /// Publishes one sample and its verdict (`before`: the previous sample, for counters).
+    pub fn record(&self, s: &GpuSample, before: Option<&GpuSample>, v: &Verdict) {
+        let id: Labels = vec![
+            ("gpu", s.index.to_string()),
+            ("uuid", s.uuid.clone()),
+            ("model", s.model.clone()),
+        ];
+        let with = |k: &'static str, v: String| {
+            let mut l = id.clone();
+            l.push((k, v));
+            l
+        };
+        let set = |f: &Family<Labels, Gauge>, v: Option<u64>| {
+            if let Some(v) = v {
+                f.get_or_create(&id).set(v as i64);
+            }
+        };
+        let setf = |f: &Family<Labels, FloatGauge>, v: Option<f64>| {
+            if let Some(v) = v {
+                f.get_or_create(&id).set(v);
+            }
+        };
+        set(&self.temperature, s.temperature_c.map(u64::from));
+        set(&self.slowdown_temperature, s.slowdown_c.map(u64::from));
+        setf(&self.power, s.power_w);
+        setf(&self.power_limit, s.power_limit_w);
+        set(&self.memory_used, s.memory_used_bytes);
+        set(&self.memory_total, s.memory_total_bytes);
+        setf(&self.utilization, s.utilization);
+        // Counters grow by what NVML's count grew since the last sample (all of it at first).
+        if let Some(n) = s.ecc_uncorrected {
+            let was = before.and_then(|b| b.ecc_uncorrected).unwrap_or(0);
+            self.ecc_uncorrected
+                .get_or_create(&id)
+                .inc_by(n.saturating_sub(was));
+        }
+        for link in &s.links {
+            let was = before
+                .and_then(|b| b.links.iter().find(|l| l.link == link.link))
+                .map_or(0, |l| l.errors);
+            self.nvlink_errors
+                .get_or_create(&with("link", link.link.to_string()))
+                .inc_by(link.errors.saturating_sub(was));
+        }
+        if let Some(bits) = s.throttle_reasons {
+            for (bit, reason) in THROTTLE_REASONS {
+                self.throttled
+                    .get_or_create(&with("reason", reason.into()))
+                    .set(i64::from(bits & bit != 0));
+            }
+        }
+        let mut latched = self.latched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Verdict::Fatal(reason) = v {
+            latched.entry(s.uuid.clone()).or_insert(reason);
+        }
+        let fault = latched.get(&s.uuid).copied();
+        self.healthy
+            .get_or_create(&id)
+            .set(i64::from(fault.is_none()));
+        for reason in FATAL_REASONS {
+            self.fatal
+                .get_or_create(&with("reason", reason.into()))
+                .set(i64::from(fault == Some(reason)));
+        }
+    }
+}

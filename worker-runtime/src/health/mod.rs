@@ -1,0 +1,101 @@
+//! GPU health. Every rank samples the GPUs NVML shows it (in a pod, the ones the device plugin
+//! gave it) and exports them under Prometheus names that mirror DCGM's fields; a pure table
+//! turns each sample into a verdict. NVML is loaded at run time: with no library or no GPU the
+//! sampler says so once and the GPU families stay empty, never a panic.
+
+pub mod metrics;
+mod nvml;
+pub mod verdict;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use verdict::{Verdict, verdict};
+
+use crate::metrics::Metrics;
+
+/// One GPU as NVML reported it at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuSample {
+    /// NVML's index of the GPU (within what this process sees).
+    pub index: u32,
+    pub uuid: String,
+    /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub model: String,
+    /// Every query on the device answered `GPU_IS_LOST` (fell off the bus).
+    pub lost: bool,
+    pub temperature_c: Option<u32>,
+    /// Where the GPU starts hardware slowdown.
+    pub slowdown_c: Option<u32>,
+    /// Where the GPU shuts itself down.
+    pub shutdown_c: Option<u32>,
+    pub power_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    /// Share of the last sample period a kernel ran, 0 to 1.
+    pub utilization: Option<f64>,
+    /// Uncorrected ECC errors since the driver loaded (volatile).
+    pub ecc_uncorrected: Option<u64>,
+    /// NVML's clocks-throttle-reasons bitmask.
+    pub throttle_reasons: Option<u64>,
+    pub links: Vec<LinkSample>,
+}
+
+/// One NVLink of a GPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinkSample {
+    pub link: u32,
+    pub active: bool,
+    /// Replay, recovery and CRC (flit and data) errors, summed.
+    pub errors: u64,
+}
+
+/// Where NVML comes from and how often to sample.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    /// The NVML library to load (default: the driver's `libnvidia-ml.so.1`).
+    pub library: Option<PathBuf>,
+    pub every: Duration,
+}
+
+/// Starts the sampler thread: it loads NVML once, then samples every GPU each period into
+/// `metrics`. Without NVML or GPUs it logs why once and ends.
+pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("gpu-health".into())
+        .spawn(move || {
+            let nvml = match nvml::open(config.library.as_deref()) {
+                Ok(n) => n,
+                Err(why) => {
+                    tracing::info!("no GPU health: {why}");
+                    metrics.gpu.set_status(format!("no GPU ({why})"));
+                    return;
+                }
+            };
+            let mut previous: Vec<GpuSample> = Vec::new();
+            loop {
+                let mut samples = nvml::sample(&nvml);
+                // A lost GPU cannot say who it is any more: it is who it was.
+                for s in samples.iter_mut().filter(|s| s.uuid.is_empty()) {
+                    if let Some(p) = previous.iter().find(|p| p.index == s.index) {
+                        s.uuid.clone_from(&p.uuid);
+                        s.model.clone_from(&p.model);
+                    }
+                }
+                metrics.gpu.set_status(format!("{} GPU(s)", samples.len()));
+                for s in &samples {
+                    let before = previous.iter().find(|p| p.uuid == s.uuid);
+                    let v = verdict(s, before);
+                    if let Verdict::Fatal(reason) = &v {
+                        tracing::error!(gpu = s.index, uuid = %s.uuid, reason, "fatal GPU fault");
+                    }
+                    metrics.gpu.record(s, before, &v);
+                }
+                previous = samples;
+                std::thread::sleep(config.every);
+            }
+        })
+        .map(|_| ())
+}

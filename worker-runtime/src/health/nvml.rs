@@ -1,0 +1,108 @@
+//! Reading the GPUs through NVML (`nvml-wrapper`, the library loaded at run time). Each field a
+//! GPU does not support stays `None`; a device that answers `GPU_IS_LOST` is a lost sample.
+
+use std::path::Path;
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::{
+    EccCounter, MemoryError, TemperatureSensor, TemperatureThreshold,
+};
+use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use nvml_wrapper::error::NvmlError;
+
+use super::{GpuSample, LinkSample};
+
+/// NVML's `NVML_NVLINK_MAX_LINKS`.
+const MAX_LINKS: u32 = 18;
+
+/// Loads NVML (the given library, else the driver's) and checks it sees a GPU.
+pub fn open(library: Option<&Path>) -> Result<Nvml, String> {
+    let nvml = match library {
+        Some(path) => Nvml::builder().lib_path(path.as_os_str()).init(),
+        None => Nvml::init(),
+    }
+    .map_err(|e| format!("NVML: {e}"))?;
+    match nvml.device_count() {
+        Ok(0) => Err("NVML sees no GPU".into()),
+        Ok(_) => Ok(nvml),
+        Err(e) => Err(format!("NVML device count: {e}")),
+    }
+}
+
+/// Samples every GPU NVML shows.
+pub fn sample(nvml: &Nvml) -> Vec<GpuSample> {
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count).map(|i| sample_one(nvml, i)).collect()
+}
+
+fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
+    let lost = |s: GpuSample| GpuSample { lost: true, ..s };
+    let mut s = GpuSample {
+        index,
+        ..GpuSample::default()
+    };
+    let device = match nvml.device_by_index(index) {
+        Ok(d) => d,
+        Err(NvmlError::GpuLost) => return lost(s),
+        Err(e) => {
+            tracing::warn!(gpu = index, "NVML cannot open the GPU: {e}");
+            return s;
+        }
+    };
+    // A lost GPU answers GpuLost to everything; the identity query tells first.
+    match device.uuid() {
+        Ok(u) => s.uuid = u,
+        Err(NvmlError::GpuLost) => return lost(s),
+        Err(_) => s.uuid = format!("gpu-{index}"),
+    }
+    s.model = device.name().unwrap_or_default();
+    let lost_now = std::cell::Cell::new(false);
+    let ok = |r: Result<u64, NvmlError>| match r {
+        Ok(v) => Some(v),
+        Err(NvmlError::GpuLost) => {
+            lost_now.set(true);
+            None
+        }
+        Err(_) => None,
+    };
+    s.temperature_c =
+        ok(device.temperature(TemperatureSensor::Gpu).map(u64::from)).map(|v| v as u32);
+    s.slowdown_c = ok(device
+        .temperature_threshold(TemperatureThreshold::Slowdown)
+        .map(u64::from))
+    .map(|v| v as u32);
+    s.shutdown_c = ok(device
+        .temperature_threshold(TemperatureThreshold::Shutdown)
+        .map(u64::from))
+    .map(|v| v as u32);
+    s.power_w = ok(device.power_usage().map(u64::from)).map(|mw| mw as f64 / 1000.0);
+    s.power_limit_w = ok(device.enforced_power_limit().map(u64::from)).map(|mw| mw as f64 / 1000.0);
+    if let Some(m) = ok(device.memory_info().map(|m| m.used)) {
+        s.memory_used_bytes = Some(m);
+        s.memory_total_bytes = device.memory_info().ok().map(|m| m.total);
+    }
+    s.utilization =
+        ok(device.utilization_rates().map(|u| u64::from(u.gpu))).map(|pct| pct as f64 / 100.0);
+    s.ecc_uncorrected = ok(device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
+    s.throttle_reasons = ok(device.current_throttle_reasons().map(|r| r.bits()));
+    for link in 0..MAX_LINKS {
+        let l = device.link_wrapper_for(link);
+        let Ok(active) = l.is_active() else { break };
+        let errors = [
+            ErrorCounter::DlReplay,
+            ErrorCounter::DlRecovery,
+            ErrorCounter::DlCrcFlit,
+            ErrorCounter::DlCrcData,
+        ]
+        .into_iter()
+        .filter_map(|c| l.error_counter(c).ok())
+        .sum();
+        s.links.push(LinkSample {
+            link,
+            active,
+            errors,
+        });
+    }
+    s.lost = lost_now.get();
+    s
+}
