@@ -6,7 +6,6 @@
 //! [`Audit`] log (every request, as RBAC sees it). See `e2e/README.md` for what it implements
 //! and where it differs from kube-apiserver.
 
-mod deployments;
 pub mod dns;
 pub mod error;
 pub mod fake_nvml;

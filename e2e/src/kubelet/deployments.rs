@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::{condition_true, key, modify, now, owned_pods, set_condition, template_hash};
 use crate::error::ApiError;
-use crate::kubelet::{condition_true, key, modify, now, owned_pods, template_hash};
 use crate::selectors::LabelSelector;
 use crate::server::AppState;
 use crate::store::Write;
@@ -119,7 +119,7 @@ fn reconcile_one(st: &AppState, ns: &str, name: &str, d: &Value) {
             "selector": selector,
             "conditions": conditions,
         });
-        crate::kubelet::set_condition(
+        set_condition(
             obj,
             "Available",
             available,
@@ -130,6 +130,6 @@ fn reconcile_one(st: &AppState, ns: &str, name: &str, d: &Value) {
             },
             "",
         );
-        crate::kubelet::set_condition(obj, "Progressing", true, progressing.0, progressing.1);
+        set_condition(obj, "Progressing", true, progressing.0, progressing.1);
     });
 }

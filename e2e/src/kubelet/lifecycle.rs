@@ -1,0 +1,335 @@
+//! A pod's life on its node: start its containers, probe them, restart them per
+//! `restartPolicy`, and write phase, container statuses and conditions.
+
+use super::*;
+
+pub(super) fn resolve_port(c: &Value, port: &Value) -> Option<u16> {
+    match port {
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Value::String(s) => s.parse().ok().or_else(|| {
+            c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == json!(s))
+                .and_then(|p| p["containerPort"].as_u64())
+                .and_then(|n| u16::try_from(n).ok())
+        }),
+        _ => None,
+    }
+}
+
+/// One HTTP GET probe (2xx/3xx = success) or TCP connect probe.
+pub(super) async fn probe(c: &Value, probe: &Value, ip: &str) -> bool {
+    let attempt = async {
+        if let Some(port) = resolve_port(c, &probe["httpGet"]["port"]) {
+            let path = probe["httpGet"]["path"].as_str().unwrap_or("/");
+            let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/1.32\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.ok()?;
+            let line = String::from_utf8_lossy(&buf[..n]).to_string();
+            let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some((200..400).contains(&code))
+        } else if let Some(port) = resolve_port(c, &probe["tcpSocket"]["port"]) {
+            Some(tokio::net::TcpStream::connect((ip, port)).await.is_ok())
+        } else {
+            Some(true)
+        }
+    };
+    let secs = probe["timeoutSeconds"].as_u64().unwrap_or(1);
+    tokio::time::timeout(Duration::from_secs(secs), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+pub(super) fn due(p: &Proc, spec: &Value) -> bool {
+    let period = Duration::from_secs(spec["periodSeconds"].as_u64().unwrap_or(10));
+    p.last_probe.is_none_or(|t| t.elapsed() >= period)
+}
+
+/// A probe to run: pod uid, container name, container, probe spec, pod IP, is liveness.
+pub(super) type ProbeTask = (String, String, Value, Value, String, bool);
+
+/// Start, probe, restart and report every pod bound to one of this kubelet's nodes.
+pub(super) async fn run_pods(st: &AppState, inner: &Mutex<Inner>, cfg: &KubeletConfig, dns: &str) {
+    for (uid, cname, c, spec, ip, liveness) in step(st, inner, cfg, dns) {
+        let ok = probe(&c, &spec, &ip).await;
+        record_probe(inner, &uid, &cname, &spec, liveness, ok);
+    }
+}
+
+pub(super) fn record_probe(
+    inner: &Mutex<Inner>,
+    uid: &str,
+    cname: &str,
+    spec: &Value,
+    liveness: bool,
+    ok: bool,
+) {
+    let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(p) = g
+        .pods
+        .get_mut(uid)
+        .and_then(|(_, procs)| procs.get_mut(cname))
+    else {
+        return;
+    };
+    if liveness {
+        p.live_failures = if ok { 0 } else { p.live_failures + 1 };
+        if p.live_failures >= spec["failureThreshold"].as_u64().unwrap_or(3) as u32
+            && let Some(child) = p.child.as_mut()
+        {
+            kill_group(child);
+        }
+    } else {
+        p.ready = ok;
+    }
+}
+
+/// Reap exits, (re)start processes and write pod status; returns the probes now due.
+pub(super) fn step(
+    st: &AppState,
+    inner: &Mutex<Inner>,
+    cfg: &KubeletConfig,
+    dns: &str,
+) -> Vec<ProbeTask> {
+    let ours: Vec<String> = cfg.nodes.iter().map(|n| n.name.clone()).collect();
+    let (pods, _) = st.store.list("", "pods", None);
+    let live_uids: Vec<String> = pods
+        .iter()
+        .filter_map(|(_, p)| p["metadata"]["uid"].as_str().map(String::from))
+        .collect();
+    let mut g = match inner.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    };
+    // Pods that are gone: dropping their Procs kills their processes.
+    g.pods.retain(|uid, _| live_uids.contains(uid));
+    let not_ready = g.not_ready.clone();
+    let mut work = Vec::new();
+    for (k, pod) in pods {
+        let Some(node) = pod["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| ours.iter().any(|o| o == n))
+            .map(String::from)
+        else {
+            continue;
+        };
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !pod["metadata"]["deletionTimestamp"].is_null() {
+            if let Some((_, procs)) = g.pods.remove(&uid) {
+                drop(procs);
+            }
+            let finalizers_done = pod["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty);
+            if finalizers_done {
+                let _ = st
+                    .store
+                    .write(&k, |_, _| -> Result<Write, ApiError> { Ok(Write::Delete) });
+            }
+            continue;
+        }
+        if terminal(&pod) {
+            continue;
+        }
+        if !g.pods.contains_key(&uid) {
+            // 127.<port high>.<port low>.<n>: distinct per API server, so kubelets of tests
+            // running side by side never hand out the same address.
+            let port: u16 = st
+                .address
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let n = g.next_ip;
+            g.next_ip = if n >= 254 { 2 } else { n + 1 };
+            let ip = format!("127.{}.{}.{n}", port >> 8, port & 255);
+            g.pods.insert(uid.clone(), (ip, BTreeMap::new()));
+        }
+        work.push((k, pod, uid, node));
+    }
+    let mut probes: Vec<ProbeTask> = Vec::new();
+    for (k, pod, uid, node) in work {
+        let Some((ip, procs)) = g.pods.get_mut(&uid) else {
+            continue;
+        };
+        let ip = ip.clone();
+        let policy = pod["spec"]["restartPolicy"]
+            .as_str()
+            .unwrap_or("Always")
+            .to_string();
+        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            let cname = c["name"].as_str().unwrap_or_default().to_string();
+            let p = procs.entry(cname.clone()).or_insert_with(|| Proc {
+                child: None,
+                restarts: 0,
+                started: String::new(),
+                ready: false,
+                live_failures: 0,
+                last_probe: None,
+                restart_at: Some(Instant::now()),
+                terminated: None,
+                waiting: None,
+            });
+            let pid = p.child.as_ref().and_then(Child::id);
+            if let Some(child) = p.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                // The container ends with its main process: stop what it left behind.
+                if let Some(pid) = pid {
+                    kill_pgid(pid);
+                }
+                let code = status.code().unwrap_or(137);
+                p.child = None;
+                p.ready = false;
+                p.terminated = Some((
+                    code,
+                    if code == 0 {
+                        "Completed".into()
+                    } else {
+                        "Error".into()
+                    },
+                    now(),
+                ));
+                let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
+                if restart {
+                    let backoff = Duration::from_millis(200 * 2u64.pow(p.restarts.min(5)));
+                    p.restart_at = Some(Instant::now() + backoff);
+                }
+            }
+            if p.child.is_none() && p.restart_at.is_some_and(|t| Instant::now() >= t) {
+                match spawn(st, cfg, &pod, c, &ip, dns) {
+                    Ok(child) => {
+                        if p.started.is_empty() {
+                            p.started = now();
+                        } else {
+                            p.restarts += 1;
+                            p.started = now();
+                        }
+                        p.child = Some(child);
+                        p.restart_at = None;
+                        p.waiting = None;
+                        p.terminated = None;
+                        p.live_failures = 0;
+                        p.last_probe = None;
+                        p.ready = c["readinessProbe"].is_null();
+                    }
+                    Err(w) => {
+                        p.waiting = Some(w);
+                        p.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+            if p.child.is_some() {
+                if c["readinessProbe"].is_object() && due(p, &c["readinessProbe"]) {
+                    probes.push((
+                        uid.clone(),
+                        cname.clone(),
+                        c.clone(),
+                        c["readinessProbe"].clone(),
+                        ip.clone(),
+                        false,
+                    ));
+                }
+                if c["livenessProbe"].is_object() && due(p, &c["livenessProbe"]) {
+                    probes.push((
+                        uid.clone(),
+                        cname.clone(),
+                        c.clone(),
+                        c["livenessProbe"].clone(),
+                        ip.clone(),
+                        true,
+                    ));
+                }
+                if probes.iter().any(|(u, n, ..)| *u == uid && *n == cname) {
+                    p.last_probe = Some(Instant::now());
+                }
+            }
+        }
+        let node_ready = !not_ready.contains(&node);
+        let statuses: Vec<Value> = pod["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| {
+            let cname = c["name"].as_str().unwrap_or_default();
+            let p = procs.get(cname)?;
+            let state = if p.child.is_some() {
+                json!({"running": {"startedAt": p.started}})
+            } else if let Some((reason, message)) = &p.waiting {
+                json!({"waiting": {"reason": reason, "message": message}})
+            } else if let Some((code, reason, finished)) = &p.terminated {
+                json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": p.started, "finishedAt": finished}})
+            } else {
+                json!({"waiting": {"reason": "ContainerCreating"}})
+            };
+            Some(json!({"name": cname, "image": c["image"], "imageID": "", "containerID": p.child.as_ref().and_then(Child::id).map(|id| format!("process://{id}")),
+                "ready": p.ready && p.child.is_some(), "started": p.child.is_some(), "restartCount": p.restarts, "state": state}))
+        }).collect();
+        let all_running =
+            !statuses.is_empty() && statuses.iter().all(|s| s["state"]["running"].is_object());
+        let all_done = !statuses.is_empty()
+            && statuses
+                .iter()
+                .all(|s| s["state"]["terminated"].is_object());
+        let containers_ready = statuses.iter().all(|s| s["ready"] == json!(true)) && all_running;
+        let failed = statuses.iter().any(|s| {
+            s["state"]["terminated"]["exitCode"]
+                .as_i64()
+                .is_some_and(|c| c != 0)
+        });
+        let restarting = procs.values().any(|p| p.restart_at.is_some());
+        let phase = if all_done && !restarting {
+            if failed { "Failed" } else { "Succeeded" }
+        } else if all_running || restarting {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let gates: Vec<String> = pod["spec"]["readinessGates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["conditionType"].as_str().map(String::from))
+            .collect();
+        let ip2 = ip.clone();
+        modify(st, &k, |p| {
+            let gates_ok = gates.iter().all(|g| condition_true(p, g));
+            p["status"]["phase"] = json!(phase);
+            p["status"]["podIP"] = json!(ip2);
+            p["status"]["podIPs"] = json!([{"ip": ip2}]);
+            p["status"]["hostIP"] = json!("127.0.0.1");
+            p["status"]["containerStatuses"] = Value::Array(statuses.clone());
+            if p["status"]["startTime"].is_null() {
+                p["status"]["startTime"] = json!(now());
+            }
+            set_condition(p, "Initialized", true, "", "");
+            set_condition(
+                p,
+                "ContainersReady",
+                containers_ready,
+                if containers_ready {
+                    ""
+                } else {
+                    "ContainersNotReady"
+                },
+                "",
+            );
+            let ready = containers_ready && gates_ok && node_ready;
+            let reason = if ready {
+                ""
+            } else if !containers_ready {
+                "ContainersNotReady"
+            } else if !gates_ok {
+                "ReadinessGatesNotReady"
+            } else {
+                "NodeNotReady"
+            };
+            set_condition(p, "Ready", ready, reason, "");
+        });
+    }
+    probes
+}
