@@ -39,6 +39,9 @@
  *   gpu.N.nvlink.L.crc_flit_errors 0     NVML_NVLINK_ERROR_DL_CRC_FLIT
  *   gpu.N.nvlink.L.crc_data_errors 0     NVML_NVLINK_ERROR_DL_CRC_DATA
  *   gpu.N.lost 0                         1: every call on the device returns GPU_IS_LOST
+ *   xid.S G C                            XID event S (from 1, in order): GPU G reports XID C;
+ *                                        an event set delivers those written after it was
+ *                                        created, once each (nvmlEventSetWait_v2)
  *
  * Missing keys take the defaults above (gpu_count defaults to 0). Booleans are 0/1 or
  * false/true.
@@ -61,6 +64,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +82,7 @@ typedef unsigned int nvmlReturn_t;
 #define NVML_ERROR_NOT_SUPPORTED 3u
 #define NVML_ERROR_INSUFFICIENT_SIZE 7u
 #define NVML_ERROR_DRIVER_NOT_LOADED 9u
+#define NVML_ERROR_TIMEOUT 10u
 #define NVML_ERROR_GPU_IS_LOST 15u
 #define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25u
 #define NVML_ERROR_UNKNOWN 999u
@@ -155,10 +160,41 @@ struct fake_gpu {
     int lost;
 };
 
+/* One XID event: `xid.<seq> <gpu> <code>` (seq from 1, in the order a test wrote them). */
+struct fake_xid {
+    unsigned int seq;
+    unsigned int gpu;
+    unsigned long long code;
+};
+
+#define MAX_XIDS 256
+#define MAX_EVENT_SETS 16
+#define EVENT_TYPE_XID 0x8ull /* nvmlEventTypeXidCriticalError */
+
 struct fake_state {
     unsigned int gpu_count;
     struct fake_gpu gpus[MAX_GPUS];
+    unsigned int xid_count;
+    struct fake_xid xids[MAX_XIDS];
 };
+
+/* An event set: the event types each GPU registered, and the last XID it delivered. */
+struct nvmlEventSet_st {
+    int used;
+    unsigned long long registered[MAX_GPUS];
+    unsigned int delivered;
+};
+typedef struct nvmlEventSet_st *nvmlEventSet_t;
+
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType;
+    unsigned long long eventData;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlEventData_t;
+
+static struct nvmlEventSet_st g_sets[MAX_EVENT_SETS];
 
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned int g_init_count; /* nvmlInit reference count */
@@ -379,6 +415,21 @@ static int parse_line(char *line)
         g_state.gpu_count = n > MAX_GPUS ? MAX_GPUS : n;
         return 0;
     }
+    if (strncmp(line, "xid.", 4) == 0) {
+        struct fake_xid x;
+        char *gpu_end;
+
+        if (parse_u32(line + 4, &x.seq) != 0 || g_state.xid_count >= MAX_XIDS)
+            return 0;
+        gpu_end = strchr(value, ' ');
+        if (gpu_end == NULL)
+            return -1;
+        *gpu_end++ = '\0';
+        if (parse_u32(value, &x.gpu) != 0 || parse_u64(gpu_end, &x.code) != 0)
+            return -1;
+        g_state.xids[g_state.xid_count++] = x;
+        return 0;
+    }
     if (strncmp(line, "gpu.", 4) != 0)
         return 0;
     p = line + 4;
@@ -426,6 +477,7 @@ static nvmlReturn_t load_state(void)
     g_file[len] = '\0';
 
     g_state.gpu_count = 0;
+    g_state.xid_count = 0;
     for (i = 0; i < MAX_GPUS; i++)
         default_gpu(&g_state.gpus[i], i);
 
@@ -886,4 +938,156 @@ EXPORT nvmlReturn_t nvmlDeviceGetNvLinkErrorCounter(nvmlDevice_t device, unsigne
     default: return device_end(NVML_ERROR_INVALID_ARGUMENT);
     }
     return device_end(NVML_SUCCESS);
+}
+
+/* ---- XID events ---- */
+
+static unsigned int last_xid_seq(void)
+{
+    unsigned int i, last = 0;
+
+    for (i = 0; i < g_state.xid_count; i++)
+        if (g_state.xids[i].seq > last)
+            last = g_state.xids[i].seq;
+    return last;
+}
+
+static int set_index(nvmlEventSet_t set)
+{
+    uintptr_t p = (uintptr_t)set;
+    uintptr_t base = (uintptr_t)&g_sets[0];
+
+    if (set == NULL || p < base || p >= (uintptr_t)&g_sets[MAX_EVENT_SETS])
+        return -1;
+    if ((p - base) % sizeof(g_sets[0]) != 0 || !set->used)
+        return -1;
+    return (int)((p - base) / sizeof(g_sets[0]));
+}
+
+/* A new set delivers the XIDs written after it was created, as NVML delivers events after
+ * registration. */
+EXPORT nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+    nvmlReturn_t r;
+    unsigned int i;
+
+    if (set == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&g_lock);
+    r = begin_call();
+    if (r == NVML_SUCCESS) {
+        r = NVML_ERROR_UNKNOWN;
+        for (i = 0; i < MAX_EVENT_SETS; i++) {
+            if (!g_sets[i].used) {
+                memset(&g_sets[i], 0, sizeof(g_sets[i]));
+                g_sets[i].used = 1;
+                g_sets[i].delivered = last_xid_seq();
+                *set = &g_sets[i];
+                r = NVML_SUCCESS;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
+    return r;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device,
+                                                     unsigned long long *eventTypes)
+{
+    struct fake_gpu *g;
+    nvmlReturn_t r = device_begin(device, eventTypes, &g, NULL);
+
+    if (r != NVML_SUCCESS)
+        return r;
+    *eventTypes = EVENT_TYPE_XID;
+    return device_end(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes,
+                                             nvmlEventSet_t set)
+{
+    struct fake_gpu *g;
+    unsigned int index;
+    nvmlReturn_t r = device_begin(device, set, &g, &index);
+
+    if (r != NVML_SUCCESS)
+        return r;
+    if (set_index(set) < 0)
+        return device_end(NVML_ERROR_INVALID_ARGUMENT);
+    if ((eventTypes & ~EVENT_TYPE_XID) != 0)
+        return device_end(NVML_ERROR_NOT_SUPPORTED);
+    set->registered[index] |= eventTypes;
+    return device_end(NVML_SUCCESS);
+}
+
+/* Delivers the next XID (by seq) of a GPU the set registered, waiting up to timeoutms. */
+EXPORT nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data,
+                                        unsigned int timeoutms)
+{
+    unsigned int waited = 0;
+
+    if (data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (;;) {
+        nvmlReturn_t r;
+        const struct fake_xid *next = NULL;
+        unsigned int i;
+
+        pthread_mutex_lock(&g_lock);
+        if (set_index(set) < 0) {
+            pthread_mutex_unlock(&g_lock);
+            return NVML_ERROR_INVALID_ARGUMENT;
+        }
+        r = begin_call();
+        if (r != NVML_SUCCESS) {
+            pthread_mutex_unlock(&g_lock);
+            return r;
+        }
+        for (i = 0; i < g_state.xid_count; i++) {
+            const struct fake_xid *x = &g_state.xids[i];
+
+            if (x->seq > set->delivered && x->gpu < MAX_GPUS &&
+                (set->registered[x->gpu] & EVENT_TYPE_XID) != 0 &&
+                (next == NULL || x->seq < next->seq))
+                next = x;
+        }
+        if (next != NULL) {
+            set->delivered = next->seq;
+            data->device = &g_devices[next->gpu];
+            data->eventType = EVENT_TYPE_XID;
+            data->eventData = next->code;
+            data->gpuInstanceId = 0xFFFFFFFFu;
+            data->computeInstanceId = 0xFFFFFFFFu;
+            pthread_mutex_unlock(&g_lock);
+            return NVML_SUCCESS;
+        }
+        pthread_mutex_unlock(&g_lock);
+        if (waited >= timeoutms)
+            return NVML_ERROR_TIMEOUT;
+        {
+            struct timespec ts = {0, 20 * 1000 * 1000};
+
+            nanosleep(&ts, NULL);
+        }
+        waited += 20;
+    }
+}
+
+EXPORT nvmlReturn_t nvmlEventSetWait(nvmlEventSet_t set, nvmlEventData_t *data,
+                                     unsigned int timeoutms)
+{
+    return nvmlEventSetWait_v2(set, data, timeoutms);
+}
+
+EXPORT nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+    pthread_mutex_lock(&g_lock);
+    if (set_index(set) < 0) {
+        pthread_mutex_unlock(&g_lock);
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    set->used = 0;
+    pthread_mutex_unlock(&g_lock);
+    return NVML_SUCCESS;
 }

@@ -13,14 +13,15 @@
 //!
 //! ```no_run
 //! # fn main() -> std::io::Result<()> {
-//! use whaleflux_e2e::fake_nvml::{self, FakeGpu, FakeNode, STATE_ENV};
+//! use whaleflux_e2e::fake_nvml::{self, FakeNode, STATE_ENV};
 //! let dir = std::env::temp_dir().join("fake-nvml-example");
 //! let lib = fake_nvml::build(&dir)?; // pass to the worker as its NVML library path
 //! let state = dir.join("gpus.state");
-//! let mut node = FakeNode { gpus: (0..8).map(FakeGpu::h100).collect() };
+//! let mut node = FakeNode::h100s(8);
 //! node.write(&state)?; // start the worker with STATE_ENV=<state>
 //! node.gpus[3].temperature_c = 91; // hotter than slowdown_c
 //! node.gpus[5].lost = true; // every NVML call on GPU 5 now returns NVML_ERROR_GPU_IS_LOST
+//! node.xids.push((2, 79)); // GPU 2 reports XID 79 to the worker's event set
 //! node.write(&state)?;
 //! # let _ = (lib, STATE_ENV);
 //! # Ok(())
@@ -211,6 +212,9 @@ impl FakeGpu {
 pub struct FakeNode {
     /// GPUs by NVML index (at most [`MAX_GPUS`]).
     pub gpus: Vec<FakeGpu>,
+    /// XID events as (GPU index, XID code), oldest first: an event set created by the worker
+    /// delivers those pushed after it was created, once each.
+    pub xids: Vec<(usize, u64)>,
 }
 
 impl FakeNode {
@@ -218,6 +222,7 @@ impl FakeNode {
     pub fn h100s(count: usize) -> Self {
         Self {
             gpus: (0..count).map(FakeGpu::h100).collect(),
+            xids: Vec::new(),
         }
     }
 
@@ -283,6 +288,9 @@ impl FakeNode {
                 let _ = writeln!(s, "{q}crc_data_errors {}", link.crc_data_errors);
             }
             let _ = writeln!(s, "{p}lost {}", u8::from(g.lost));
+        }
+        for (seq, (gpu, code)) in self.xids.iter().enumerate() {
+            let _ = writeln!(s, "xid.{} {gpu} {code}", seq + 1);
         }
         Ok(s)
     }

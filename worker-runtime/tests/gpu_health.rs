@@ -1,8 +1,8 @@
 //! GPU health as a worker reports it, through the worker's ordinary NVML library option loading
 //! the fake NVML from `e2e/` (two H100s described by a state file the test rewrites): the GPU
 //! families carry each GPU's values, `/healthz` says what NVML found, and faults written into
-//! the file reach the metrics within a sample (an uncorrected ECC error and a lost GPU are
-//! fatal and latch; a hot GPU shows its throttling). Without NVML the worker serves and says
+//! the file reach the metrics within a sample (an uncorrected ECC error and XID 79 are fatal
+//! and latch; XID 13 is the program's and only counted; a hot GPU shows its throttling). Without NVML the worker serves and says
 //! "no GPU". Needs `WHALEFLUX_TEST_MODEL` and a C compiler (`cc`).
 
 mod common;
@@ -235,15 +235,55 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     );
     assert_eq!(value(&m, &link0), Some(7.0), "{m}");
 
+    // XIDs from the driver: 13 is the program's fault (counted, GPU healthy), 79 is fatal.
+    node.xids.push((0, 13));
+    node.write(&state).expect("state written");
+    let xid13 = format!(
+        r#"whaleflux_gpu_xid_errors_total{{gpu="0",uuid="{}",model="{}",xid="13"}}"#,
+        node.gpus[0].uuid, node.gpus[0].name
+    );
+    w.wait_for("XID 13 counted", |w| {
+        value(&w.metrics(), &xid13) == Some(1.0)
+    });
+    assert_eq!(
+        value(&w.metrics(), &format!("whaleflux_gpu_healthy{gpu0}")),
+        Some(1.0),
+        "an application XID leaves the GPU healthy"
+    );
+    node.xids.push((0, 79));
+    node.write(&state).expect("state written");
+    let xid79 = format!(
+        r#"whaleflux_gpu_fatal_fault{{gpu="0",uuid="{}",model="{}",reason="xid_79"}}"#,
+        node.gpus[0].uuid, node.gpus[0].name
+    );
+    w.wait_for("XID 79 fatal", |w| value(&w.metrics(), &xid79) == Some(1.0));
+    let m = w.metrics();
+    assert_eq!(
+        value(&m, &format!("whaleflux_gpu_healthy{gpu0}")),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(value(&m, &xid13), Some(1.0), "each XID counted once:\n{m}");
+
     node.gpus[0].lost = true;
     node.gpus[1].ecc_uncorrected_volatile = 0; // a driver reload would reset it; the fault stays
     node.write(&state).expect("state written");
-    w.wait_for("GPU 0 lost", |w| {
-        w.metrics()
-            .lines()
-            .any(|l| l.starts_with("whaleflux_gpu_fatal_fault{gpu=\"0\"") && l.contains("gpu_lost"))
-    });
+    // GPU 0 now answers GPU_IS_LOST: its first fault (XID 79) stays its reason, and GPU 1's
+    // ECC fault stays although NVML's count went back to 0.
+    let lost0 = format!(
+        r#"whaleflux_gpu_fatal_fault{{gpu="0",uuid="{}",model="{}",reason="gpu_lost"}}"#,
+        node.gpus[0].uuid, node.gpus[0].name
+    );
+    let before = w.get("/metrics").unwrap_or_default();
+    assert!(before.contains(&lost0), "{before}");
+    std::thread::sleep(Duration::from_millis(2500));
     let m = w.metrics();
+    assert_eq!(
+        value(&m, &lost0),
+        Some(0.0),
+        "the first fault is the reason:\n{m}"
+    );
+    assert_eq!(value(&m, &xid79), Some(1.0), "{m}");
     assert_eq!(value(&m, &fatal1), Some(1.0), "faults latch:\n{m}");
     // The worker itself keeps answering (stopping the rank is the failover work's).
     assert!(w.get("/healthz").is_some());

@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::verdict::{FATAL_REASONS, THROTTLE_REASONS};
+use super::verdict::{FATAL_REASONS, THROTTLE_REASONS, XidClass};
 use super::{GpuSample, Verdict};
 
 /// Label set: name/value pairs.
@@ -28,8 +28,7 @@ pub struct GpuMetrics {
     memory_used: Family<Labels, Gauge>,
     memory_total: Family<Labels, Gauge>,
     utilization: Family<Labels, FloatGauge>,
-    /// Counted by the failover work's XID event reader (label `xid`).
-    pub xid_errors: Family<Labels, Counter>,
+    xid_errors: Family<Labels, Counter>,
     ecc_uncorrected: Family<Labels, Counter>,
     nvlink_errors: Family<Labels, Counter>,
     throttled: Family<Labels, Gauge>,
@@ -38,7 +37,7 @@ pub struct GpuMetrics {
     /// What the sampler found (`2 GPU(s)`, `no GPU (NVML: ...)`), for `/healthz`.
     status: Mutex<String>,
     /// Faults seen, latched per GPU: a lost GPU stays lost until the process restarts.
-    latched: Mutex<HashMap<String, &'static str>>,
+    latched: Mutex<HashMap<String, String>>,
 }
 
 impl GpuMetrics {
@@ -125,11 +124,7 @@ impl GpuMetrics {
 
     /// Publishes one sample and its verdict (`before`: the previous sample, for counters).
     pub fn record(&self, s: &GpuSample, before: Option<&GpuSample>, v: &Verdict) {
-        let id: Labels = vec![
-            ("gpu", s.index.to_string()),
-            ("uuid", s.uuid.clone()),
-            ("model", s.model.clone()),
-        ];
+        let id = labels(s);
         let with = |k: &'static str, v: String| {
             let mut l = id.clone();
             l.push((k, v));
@@ -174,18 +169,65 @@ impl GpuMetrics {
                     .set(i64::from(bits & bit != 0));
             }
         }
-        let mut latched = self.latched.lock().unwrap_or_else(|e| e.into_inner());
         if let Verdict::Fatal(reason) = v {
-            latched.entry(s.uuid.clone()).or_insert(reason);
+            self.latch(s, reason);
         }
-        let fault = latched.get(&s.uuid).copied();
-        self.healthy
-            .get_or_create(&id)
-            .set(i64::from(fault.is_none()));
-        for reason in FATAL_REASONS {
-            self.fatal
-                .get_or_create(&with("reason", reason.into()))
-                .set(i64::from(fault == Some(reason)));
+        self.publish_fault(s, &id);
+    }
+
+    /// Counts an XID the driver reported for `s`'s GPU; a fatal one latches its fault.
+    pub fn record_xid(&self, s: &GpuSample, code: u64, class: XidClass) {
+        let id = labels(s);
+        let mut with_xid = id.clone();
+        with_xid.push(("xid", code.to_string()));
+        self.xid_errors.get_or_create(&with_xid).inc();
+        if class == XidClass::Fatal {
+            self.latch(s, &format!("xid_{code}"));
+        }
+        self.publish_fault(s, &id);
+    }
+
+    /// Latches `reason` as the GPU's fault unless it has one; logs a new one.
+    fn latch(&self, s: &GpuSample, reason: &str) {
+        let mut latched = self.latched.lock().unwrap_or_else(|e| e.into_inner());
+        if !latched.contains_key(&s.uuid) {
+            tracing::error!(gpu = s.index, uuid = %s.uuid, reason, "fatal GPU fault");
+            latched.insert(s.uuid.clone(), reason.to_string());
         }
     }
+
+    /// `healthy` and `fatal_fault` from the latched fault (every known reason at 0 or 1).
+    fn publish_fault(&self, s: &GpuSample, id: &Labels) {
+        let fault = self
+            .latched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&s.uuid)
+            .cloned();
+        self.healthy
+            .get_or_create(id)
+            .set(i64::from(fault.is_none()));
+        let with_reason = |r: &str| {
+            let mut l = id.clone();
+            l.push(("reason", r.to_string()));
+            l
+        };
+        for reason in FATAL_REASONS {
+            self.fatal
+                .get_or_create(&with_reason(reason))
+                .set(i64::from(fault.as_deref() == Some(reason)));
+        }
+        if let Some(f) = fault.filter(|f| !FATAL_REASONS.contains(&f.as_str())) {
+            self.fatal.get_or_create(&with_reason(&f)).set(1);
+        }
+    }
+}
+
+/// A GPU's identity labels.
+fn labels(s: &GpuSample) -> Labels {
+    vec![
+        ("gpu", s.index.to_string()),
+        ("uuid", s.uuid.clone()),
+        ("model", s.model.clone()),
+    ]
 }

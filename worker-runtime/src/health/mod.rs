@@ -1,6 +1,6 @@
 //! GPU health. Every rank samples the GPUs NVML shows it (in a pod, the ones the device plugin
 //! gave it) and exports them under Prometheus names that mirror DCGM's fields; a pure table
-//! turns each sample into a verdict. NVML is loaded at run time: with no library or no GPU the
+//! turns each sample and each XID the driver reports into a verdict. NVML is loaded at run time: with no library or no GPU the
 //! sampler says so once and the GPU families stay empty, never a panic.
 
 pub mod metrics;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use verdict::{Verdict, verdict};
+pub use verdict::{Verdict, XidClass, classify_xid, verdict};
 
 use crate::metrics::Metrics;
 
@@ -74,6 +74,7 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
                     return;
                 }
             };
+            let xids = nvml::xid_events(&nvml);
             let mut previous: Vec<GpuSample> = Vec::new();
             loop {
                 let mut samples = nvml::sample(&nvml);
@@ -87,14 +88,31 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
                 metrics.gpu.set_status(format!("{} GPU(s)", samples.len()));
                 for s in &samples {
                     let before = previous.iter().find(|p| p.uuid == s.uuid);
-                    let v = verdict(s, before);
-                    if let Verdict::Fatal(reason) = &v {
-                        tracing::error!(gpu = s.index, uuid = %s.uuid, reason, "fatal GPU fault");
-                    }
-                    metrics.gpu.record(s, before, &v);
+                    metrics.gpu.record(s, before, &verdict(s, before));
                 }
                 previous = samples;
-                std::thread::sleep(config.every);
+                // Between samples, wait on the driver's XID events (or just the period).
+                let next = std::time::Instant::now() + config.every;
+                while let Some(left) = next.checked_duration_since(std::time::Instant::now()) {
+                    let Some(set) = &xids else {
+                        std::thread::sleep(left);
+                        break;
+                    };
+                    let Some((index, code)) = nvml::next_xid(set, left) else {
+                        continue;
+                    };
+                    let class = classify_xid(code);
+                    let gpu = previous
+                        .iter()
+                        .find(|s| s.index == index)
+                        .cloned()
+                        .unwrap_or(GpuSample {
+                            index,
+                            ..GpuSample::default()
+                        });
+                    tracing::warn!(gpu = index, uuid = %gpu.uuid, xid = code, ?class, "XID error");
+                    metrics.gpu.record_xid(&gpu, code, class);
+                }
             }
         })
         .map(|_| ())

@@ -3,12 +3,16 @@
 
 use std::path::Path;
 
-use nvml_wrapper::Nvml;
+use std::time::Duration;
+
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
     EccCounter, MemoryError, TemperatureSensor, TemperatureThreshold,
 };
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{EventSet, Nvml};
 
 use super::{GpuSample, LinkSample};
 
@@ -105,4 +109,41 @@ fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
     }
     s.lost = lost_now.get();
     s
+}
+
+/// An event set with every GPU registered for critical XID errors; `None` (logged) when NVML
+/// cannot deliver them (a GPU that does not support events loses the whole set).
+pub fn xid_events(nvml: &Nvml) -> Option<EventSet<'_>> {
+    let mut set = match nvml.create_event_set() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no XID events: NVML event set: {e}");
+            return None;
+        }
+    };
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let registered = nvml
+            .device_by_index(index)
+            .map_err(Into::into)
+            .and_then(|d| d.register_events(EventTypes::CRITICAL_XID_ERROR, set));
+        match registered {
+            Ok(s) => set = s,
+            Err(e) => {
+                tracing::warn!(gpu = index, "no XID events: {}", e.error);
+                return None;
+            }
+        }
+    }
+    Some(set)
+}
+
+/// Waits up to `timeout` for the next XID: (GPU index, XID code; 999 when NVML does not know).
+pub fn next_xid(set: &EventSet<'_>, timeout: Duration) -> Option<(u32, u64)> {
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let event = set.wait(ms).ok()?;
+    let code = match event.event_data? {
+        XidError::Value(v) => v,
+        XidError::Unknown => 999,
+    };
+    Some((event.device.index().ok()?, code))
 }

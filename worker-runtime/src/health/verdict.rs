@@ -2,7 +2,7 @@
 //! out. Pure, so every row is a table test. The rows follow DCGM's health watches (memory:
 //! uncorrectable ECC is a failure; thermal and power: slowdown is a warning; NVLink: rising
 //! error counters are a warning) and NVML's own answers (`GPU_IS_LOST`: the GPU fell off the
-//! bus, XID 79 in NVIDIA's XID catalogue). XID events are the failover work's to add.
+//! bus, XID 79 in NVIDIA's XID catalogue); XIDs have their own table, [`classify_xid`].
 
 use super::GpuSample;
 
@@ -15,6 +15,31 @@ pub enum Verdict {
     Degrading(Vec<&'static str>),
     /// The GPU cannot be trusted with work: the reason.
     Fatal(&'static str),
+}
+
+/// What an XID (an error the driver reports, NVIDIA's XID catalogue) says about the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XidClass {
+    /// The GPU needs a reset or replacing: stop using it.
+    Fatal,
+    /// Worth a warning; the GPU keeps working.
+    Degrading,
+    /// A fault of the program running on the GPU, not of the GPU (the Kubernetes device
+    /// plugin ignores these when it decides a GPU's health).
+    Application,
+}
+
+/// The XID table. Fatal: 48 (double-bit ECC), 64 (row-remapping failure), 74 (NVLink error),
+/// 79 (fell off the bus), 94 and 95 (contained / uncontained ECC error), 119 and 120 (GSP
+/// timeout / error), 140 (unrecovered ECC). Application: the NVIDIA device plugin's default
+/// ignored XIDs 13, 31, 43, 45, 68 and 109. Anything else degrades, as DCGM warns on XIDs it
+/// does not know.
+pub fn classify_xid(code: u64) -> XidClass {
+    match code {
+        48 | 64 | 74 | 79 | 94 | 95 | 119 | 120 | 140 => XidClass::Fatal,
+        13 | 31 | 43 | 45 | 68 | 109 => XidClass::Application,
+        _ => XidClass::Degrading,
+    }
 }
 
 /// Every reason [`Verdict::Fatal`] gives, so each GPU's fault series exist (at 0) before a fault.
@@ -96,6 +121,19 @@ mod tests {
                 errors: 3,
             }],
             ..GpuSample::default()
+        }
+    }
+
+    #[test]
+    fn the_xid_table() {
+        for code in [48, 64, 74, 79, 94, 95, 119, 120, 140] {
+            assert_eq!(classify_xid(code), XidClass::Fatal, "XID {code}");
+        }
+        for code in [13, 31, 43, 45, 68, 109] {
+            assert_eq!(classify_xid(code), XidClass::Application, "XID {code}");
+        }
+        for code in [0, 32, 63, 92, 999] {
+            assert_eq!(classify_xid(code), XidClass::Degrading, "XID {code}");
         }
     }
 
