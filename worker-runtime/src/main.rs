@@ -62,6 +62,10 @@ enum Cmd {
         /// Seconds between two GPU health samples.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
         gpu_sample_seconds: u64,
+        /// Where a fatal GPU fault is written before the worker exits with status 4 (only when
+        /// the file exists: the kubelet creates it in every container).
+        #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
     },
     /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
     /// each against one rank in the same run); prints JSON.
@@ -217,10 +221,12 @@ async fn main() -> anyhow::Result<()> {
             max_body,
             nvml_library,
             gpu_sample_seconds,
+            termination_log,
         } => {
             let health = MonitorConfig {
                 library: nvml_library,
                 every: std::time::Duration::from_secs(gpu_sample_seconds),
+                termination_log,
             };
             // Installed before the model loads: a SIGTERM that arrives earlier would be lost,
             // and as a container's PID 1 the worker has no default action for it.

@@ -1,8 +1,9 @@
 //! GPU health as a worker reports it, through the worker's ordinary NVML library option loading
 //! the fake NVML from `e2e/` (two H100s described by a state file the test rewrites): the GPU
 //! families carry each GPU's values, `/healthz` says what NVML found, and faults written into
-//! the file reach the metrics within a sample (an uncorrected ECC error and XID 79 are fatal
-//! and latch; XID 13 is the program's and only counted; a hot GPU shows its throttling). Without NVML the worker serves and says
+//! the file reach the metrics within a sample (a hot GPU shows its throttling, XID 13 is the
+//! program's and only counted); a fatal fault (XID 79, an uncorrected ECC error) stops the
+//! rank with exit status 4 and the fault, naming the GPU, in its termination message. Without NVML the worker serves and says
 //! "no GPU". Needs `WHALEFLUX_TEST_MODEL` and a C compiler (`cc`).
 
 mod common;
@@ -19,6 +20,8 @@ struct Worker {
     child: Child,
     addr: String,
     log: PathBuf,
+    /// The worker's termination message file (created empty, as the kubelet does).
+    termination_log: PathBuf,
 }
 
 impl Worker {
@@ -28,6 +31,8 @@ impl Worker {
             .map(|a| a.port())
             .expect("free port");
         let log = dir.join(format!("worker-{port}.log"));
+        let termination_log = dir.join(format!("termination-{port}.log"));
+        std::fs::write(&termination_log, "").expect("termination log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_whaleflux-worker"));
         cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
@@ -40,6 +45,8 @@ impl Worker {
             ])
             .arg("--model")
             .arg(common::model_path())
+            .arg("--termination-log")
+            .arg(&termination_log)
             .env_remove("WHALEFLUX_NVML_LIBRARY")
             .env_remove(fake_nvml::STATE_ENV)
             .stdout(Stdio::null())
@@ -53,6 +60,7 @@ impl Worker {
             child: cmd.spawn().expect("whaleflux-worker starts"),
             addr: format!("127.0.0.1:{port}"),
             log,
+            termination_log,
         };
         w.wait_for("/healthz answers", |w| w.get("/healthz").is_some());
         w
@@ -62,6 +70,26 @@ impl Worker {
         http_get(&self.addr, path)
             .filter(|(code, _)| *code == 200)
             .map(|(_, body)| body)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (up to 30 s) for the worker to exit by itself.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("worker status") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not stop in 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn metrics(&self) -> String {
@@ -112,7 +140,7 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     let mut node = FakeNode::h100s(2);
     node.gpus[1].throttle_reasons = 0x4; // a software power cap: normal operation
     node.write(&state).expect("state written");
-    let w = Worker::start(&dir, Some((&library, &state)));
+    let mut w = Worker::start(&dir, Some((&library, &state)));
 
     w.wait_for("both GPUs sampled", |w| {
         w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
@@ -191,102 +219,68 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     assert_eq!(faults.len(), 6, "three reasons per GPU:\n{m}");
     assert!(faults.iter().all(|l| l.ends_with(" 0")), "{m}");
 
-    // Faults: GPU 1 reports two uncorrected ECC errors, GPU 0 runs hot with its NVLink
-    // erroring; then GPU 0 falls off the bus.
-    node.gpus[1].ecc_uncorrected_volatile = 2;
+    // Degrading, not fatal: GPU 0 runs hot with its NVLink erroring, and reports XID 13 (the
+    // program's fault). The rank keeps serving.
     node.gpus[0].temperature_c = node.gpus[0].slowdown_c + 1;
     node.gpus[0].throttle_reasons = 0x40;
     node.gpus[0].nvlinks[0].replay_errors = 7;
-    node.write(&state).expect("state written");
-    let fatal1 = format!(
-        r#"whaleflux_gpu_fatal_fault{{gpu="1",uuid="{}",model="{}",reason="ecc_uncorrected"}}"#,
-        node.gpus[1].uuid, node.gpus[1].name
-    );
-    w.wait_for("the ECC fault", |w| {
-        value(&w.metrics(), &fatal1) == Some(1.0)
-    });
-    let m = w.metrics();
-    assert_eq!(
-        value(&m, &format!("whaleflux_gpu_healthy{gpu1}")),
-        Some(0.0),
-        "{m}"
-    );
-    assert_eq!(
-        value(
-            &m,
-            &format!("whaleflux_gpu_ecc_uncorrected_errors_total{gpu1}")
-        ),
-        Some(2.0),
-        "{m}"
-    );
-    assert_eq!(
-        value(&m, &format!("whaleflux_gpu_healthy{gpu0}")),
-        Some(1.0),
-        "a hot GPU is degraded, not dead:\n{m}"
-    );
-    let hot = format!(
-        r#"whaleflux_gpu_throttled{{gpu="0",uuid="{}",model="{}",reason="hw_thermal"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
-    );
-    assert_eq!(value(&m, &hot), Some(1.0), "{m}");
-    let link0 = format!(
-        r#"whaleflux_gpu_nvlink_errors_total{{gpu="0",uuid="{}",model="{}",link="0"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
-    );
-    assert_eq!(value(&m, &link0), Some(7.0), "{m}");
-
-    // XIDs from the driver: 13 is the program's fault (counted, GPU healthy), 79 is fatal.
     node.xids.push((0, 13));
     node.write(&state).expect("state written");
     let xid13 = format!(
         r#"whaleflux_gpu_xid_errors_total{{gpu="0",uuid="{}",model="{}",xid="13"}}"#,
         node.gpus[0].uuid, node.gpus[0].name
     );
-    w.wait_for("XID 13 counted", |w| {
-        value(&w.metrics(), &xid13) == Some(1.0)
-    });
-    assert_eq!(
-        value(&w.metrics(), &format!("whaleflux_gpu_healthy{gpu0}")),
-        Some(1.0),
-        "an application XID leaves the GPU healthy"
-    );
-    node.xids.push((0, 79));
-    node.write(&state).expect("state written");
-    let xid79 = format!(
-        r#"whaleflux_gpu_fatal_fault{{gpu="0",uuid="{}",model="{}",reason="xid_79"}}"#,
+    let link0 = format!(
+        r#"whaleflux_gpu_nvlink_errors_total{{gpu="0",uuid="{}",model="{}",link="0"}}"#,
         node.gpus[0].uuid, node.gpus[0].name
     );
-    w.wait_for("XID 79 fatal", |w| value(&w.metrics(), &xid79) == Some(1.0));
+    w.wait_for("XID 13 and the link errors", |w| {
+        let m = w.metrics();
+        value(&m, &xid13) == Some(1.0) && value(&m, &link0) == Some(7.0)
+    });
     let m = w.metrics();
+    let hot = format!(
+        r#"whaleflux_gpu_throttled{{gpu="0",uuid="{}",model="{}",reason="hw_thermal"}}"#,
+        node.gpus[0].uuid, node.gpus[0].name
+    );
+    assert_eq!(value(&m, &hot), Some(1.0), "{m}");
     assert_eq!(
         value(&m, &format!("whaleflux_gpu_healthy{gpu0}")),
-        Some(0.0),
-        "{m}"
+        Some(1.0),
+        "a hot GPU and an application XID are not fatal:\n{m}"
     );
-    assert_eq!(value(&m, &xid13), Some(1.0), "each XID counted once:\n{m}");
+    assert!(w.get("/readyz").is_some(), "still ready");
 
-    node.gpus[0].lost = true;
-    node.gpus[1].ecc_uncorrected_volatile = 0; // a driver reload would reset it; the fault stays
+    // XID 79 (fell off the bus) is fatal: the rank stops, exit status 4, the reason naming
+    // the GPU in the termination message.
+    node.xids.push((0, 79));
     node.write(&state).expect("state written");
-    // GPU 0 now answers GPU_IS_LOST: its first fault (XID 79) stays its reason, and GPU 1's
-    // ECC fault stays although NVML's count went back to 0.
-    let lost0 = format!(
-        r#"whaleflux_gpu_fatal_fault{{gpu="0",uuid="{}",model="{}",reason="gpu_lost"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
+    let status = w.wait_exit();
+    assert_eq!(status.code(), Some(4), "{}", w.log_text());
+    let message = std::fs::read_to_string(&w.termination_log).unwrap_or_default();
+    assert!(
+        message.contains("GPU 0")
+            && message.contains(&node.gpus[0].uuid)
+            && message.contains("xid_79"),
+        "termination message: {message:?}"
     );
-    let before = w.get("/metrics").unwrap_or_default();
-    assert!(before.contains(&lost0), "{before}");
-    std::thread::sleep(Duration::from_millis(2500));
-    let m = w.metrics();
-    assert_eq!(
-        value(&m, &lost0),
-        Some(0.0),
-        "the first fault is the reason:\n{m}"
+
+    // An uncorrected ECC error on GPU 1 of a fresh worker: the same, with its own reason.
+    let mut node = FakeNode::h100s(2);
+    node.write(&state).expect("state written");
+    let mut w = Worker::start(&dir, Some((&library, &state)));
+    w.wait_for("both GPUs sampled", |w| {
+        w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
+    });
+    node.gpus[1].ecc_uncorrected_volatile = 2;
+    node.write(&state).expect("state written");
+    let status = w.wait_exit();
+    assert_eq!(status.code(), Some(4), "{}", w.log_text());
+    let message = std::fs::read_to_string(&w.termination_log).unwrap_or_default();
+    assert!(
+        message.contains("GPU 1") && message.contains("ecc_uncorrected"),
+        "termination message: {message:?}"
     );
-    assert_eq!(value(&m, &xid79), Some(1.0), "{m}");
-    assert_eq!(value(&m, &fatal1), Some(1.0), "faults latch:\n{m}");
-    // The worker itself keeps answering (stopping the rank is the failover work's).
-    assert!(w.get("/healthz").is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

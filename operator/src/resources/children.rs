@@ -524,6 +524,9 @@ fn build_group(
                 ..ContainerPort::default()
             },
         ]),
+        // A worker stopped by a fatal GPU fault writes it to /dev/termination-log; any other
+        // failure leaves the end of its log there.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         // Generous: a stage that loses a peer reports not ready, not dead; only a hung process
         // is restarted.

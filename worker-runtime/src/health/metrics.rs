@@ -38,6 +38,7 @@ pub struct GpuMetrics {
     status: Mutex<String>,
     /// Faults seen, latched per GPU: a lost GPU stays lost until the process restarts.
     latched: Mutex<HashMap<String, String>>,
+    first_fault: std::sync::OnceLock<String>,
 }
 
 impl GpuMetrics {
@@ -187,13 +188,24 @@ impl GpuMetrics {
         self.publish_fault(s, &id);
     }
 
-    /// Latches `reason` as the GPU's fault unless it has one; logs a new one.
+    /// Latches `reason` as the GPU's fault unless it has one; logs a new one and remembers it
+    /// as the process's first fault.
     fn latch(&self, s: &GpuSample, reason: &str) {
         let mut latched = self.latched.lock().unwrap_or_else(|e| e.into_inner());
         if !latched.contains_key(&s.uuid) {
             tracing::error!(gpu = s.index, uuid = %s.uuid, reason, "fatal GPU fault");
             latched.insert(s.uuid.clone(), reason.to_string());
+            let _ = self.first_fault.set(format!(
+                "fatal GPU fault on GPU {} ({}, {}): {reason}",
+                s.index, s.uuid, s.model
+            ));
         }
+    }
+
+    /// The first fatal fault this process saw, in words naming the GPU; readiness and the
+    /// termination message say it.
+    pub fn fatal(&self) -> Option<&str> {
+        self.first_fault.get().map(String::as_str)
     }
 
     /// `healthy` and `fatal_fault` from the latched fault (every known reason at 0 or 1).

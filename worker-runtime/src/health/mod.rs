@@ -52,12 +52,31 @@ pub struct LinkSample {
     pub errors: u64,
 }
 
-/// Where NVML comes from and how often to sample.
+/// Where NVML comes from, how often to sample, and where a fatal fault is reported.
 #[derive(Debug, Clone)]
 pub struct MonitorConfig {
     /// The NVML library to load (default: the driver's `libnvidia-ml.so.1`).
     pub library: Option<PathBuf>,
     pub every: Duration,
+    /// The container's termination message file; written on a fatal fault when it exists
+    /// (the kubelet creates `/dev/termination-log`; elsewhere nothing is created).
+    pub termination_log: PathBuf,
+}
+
+/// The exit status of a worker stopped by a fatal GPU fault.
+pub const EXIT_GPU_FAULT: i32 = 4;
+
+/// A fatal fault stops the rank: `/readyz` already answers 503 with the fault; the reason goes
+/// to the termination message and the log, and the process exits with [`EXIT_GPU_FAULT`] so
+/// the group is restarted away from the GPU.
+fn stop_rank(config: &MonitorConfig, fault: &str) -> ! {
+    if config.termination_log.exists()
+        && let Err(e) = std::fs::write(&config.termination_log, fault)
+    {
+        tracing::warn!(path = %config.termination_log.display(), "cannot write the termination message: {e}");
+    }
+    eprintln!("whaleflux-worker: {fault}; stopping this rank");
+    std::process::exit(EXIT_GPU_FAULT)
 }
 
 /// Starts the sampler thread: it loads NVML once, then samples every GPU each period into
@@ -90,6 +109,9 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
                     let before = previous.iter().find(|p| p.uuid == s.uuid);
                     metrics.gpu.record(s, before, &verdict(s, before));
                 }
+                if let Some(fault) = metrics.gpu.fatal() {
+                    stop_rank(&config, fault);
+                }
                 previous = samples;
                 // Between samples, wait on the driver's XID events (or just the period).
                 let next = std::time::Instant::now() + config.every;
@@ -112,6 +134,9 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
                         });
                     tracing::warn!(gpu = index, uuid = %gpu.uuid, xid = code, ?class, "XID error");
                     metrics.gpu.record_xid(&gpu, code, class);
+                    if let Some(fault) = metrics.gpu.fatal() {
+                        stop_rank(&config, fault);
+                    }
                 }
             }
         })

@@ -126,7 +126,9 @@ async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
+    if let Some(fault) = st.metrics.gpu.fatal() {
+        (StatusCode::SERVICE_UNAVAILABLE, fault.to_string()).into_response()
+    } else if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
         "ready".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
