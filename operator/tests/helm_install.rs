@@ -58,6 +58,22 @@ fn helm(c: &Cluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// Asserts no object of `kinds` (in `ns`, or cluster-wide) carries the release's instance label.
+fn assert_release_gone(c: &Cluster, kinds: &[&str], ns: Option<&str>) {
+    for kind in kinds {
+        let mut args = vec!["get", kind, "-l", "app.kubernetes.io/instance=whaleflux"];
+        args.extend(["-o", "name"]);
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let left = c.kubectl_ok(&args, None);
+        assert!(
+            left.trim().is_empty(),
+            "{kind} left after uninstall: {left}"
+        );
+    }
+}
+
 /// Names of the operator's pods that are not being deleted.
 async fn operator_pods(pods: &Api<Pod>) -> BTreeSet<String> {
     pods.list(&ListParams::default().labels("app.kubernetes.io/name=whaleflux"))
@@ -208,50 +224,20 @@ async fn helm_install_upgrade_uninstall() {
         // but the CRDs.
         c.kubectl_ok(&["delete", "llmd/smollm2", "--timeout=120s"], None);
         helm(&c, &["uninstall"]);
-        for kind in [
-            "deployments",
-            "serviceaccounts",
-            "configmaps",
-            "services",
-            "roles",
-            "rolebindings",
-            "poddisruptionbudgets",
-        ] {
-            let left = c.kubectl_ok(
-                &[
-                    "get",
-                    kind,
-                    "-n",
-                    NS,
-                    "-l",
-                    "app.kubernetes.io/instance=whaleflux",
-                    "-o",
-                    "name",
-                ],
-                None,
-            );
-            assert!(
-                left.trim().is_empty(),
-                "{kind} left after uninstall: {left}"
-            );
-        }
-        for kind in ["clusterroles", "clusterrolebindings"] {
-            let left = c.kubectl_ok(
-                &[
-                    "get",
-                    kind,
-                    "-l",
-                    "app.kubernetes.io/instance=whaleflux",
-                    "-o",
-                    "name",
-                ],
-                None,
-            );
-            assert!(
-                left.trim().is_empty(),
-                "{kind} left after uninstall: {left}"
-            );
-        }
+        assert_release_gone(
+            &c,
+            &[
+                "deployments",
+                "serviceaccounts",
+                "configmaps",
+                "services",
+                "roles",
+                "rolebindings",
+                "poddisruptionbudgets",
+            ],
+            Some(NS),
+        );
+        assert_release_gone(&c, &["clusterroles", "clusterrolebindings"], None);
         eventually("the operator pods to go", WAIT, || async {
             operator_pods(&pods).await.is_empty()
         })
@@ -347,31 +333,17 @@ async fn helm_install_with_every_toggle_on() {
         assert!(settings.contains("regcred"), "{settings}");
 
         helm(&c, &["uninstall"]);
-        for kind in [
-            "servicemonitor",
-            "podmonitor",
-            "prometheusrule",
-            "networkpolicy",
-            "configmaps",
-        ] {
-            let left = c.kubectl_ok(
-                &[
-                    "get",
-                    kind,
-                    "-n",
-                    NS,
-                    "-l",
-                    "app.kubernetes.io/instance=whaleflux",
-                    "-o",
-                    "name",
-                ],
-                None,
-            );
-            assert!(
-                left.trim().is_empty(),
-                "{kind} left after uninstall: {left}"
-            );
-        }
+        assert_release_gone(
+            &c,
+            &[
+                "servicemonitor",
+                "podmonitor",
+                "prometheusrule",
+                "networkpolicy",
+                "configmaps",
+            ],
+            Some(NS),
+        );
     })
     .await;
 }

@@ -117,6 +117,15 @@ impl Drop for Worker {
     }
 }
 
+/// `name{gpu="i",uuid=..,model=..,key="value"}` for GPU `i` of `node`, as the worker prints it.
+fn series(name: &str, node: &FakeNode, i: usize, (key, value): (&str, &str)) -> String {
+    let g = &node.gpus[i];
+    format!(
+        r#"{name}{{gpu="{i}",uuid="{}",model="{}",{key}="{value}"}}"#,
+        g.uuid, g.name
+    )
+}
+
 /// The value of the first sample line starting with `series` (name and labels as printed).
 fn value(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -198,9 +207,11 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         let series = format!("{name}{labels}");
         assert_eq!(value(&m, &series), Some(want), "{series} in\n{m}");
     }
-    let cap = format!(
-        r#"whaleflux_gpu_throttled{{gpu="1",uuid="{}",model="{}",reason="sw_power_cap"}}"#,
-        node.gpus[1].uuid, node.gpus[1].name
+    let cap = series(
+        "whaleflux_gpu_throttled",
+        &node,
+        1,
+        ("reason", "sw_power_cap"),
     );
     assert_eq!(value(&m, &cap), Some(1.0), "{m}");
     let links = m
@@ -226,22 +237,18 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     node.gpus[0].nvlinks[0].replay_errors = 7;
     node.xids.push((0, 13));
     node.write(&state).expect("state written");
-    let xid13 = format!(
-        r#"whaleflux_gpu_xid_errors_total{{gpu="0",uuid="{}",model="{}",xid="13"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
-    );
-    let link0 = format!(
-        r#"whaleflux_gpu_nvlink_errors_total{{gpu="0",uuid="{}",model="{}",link="0"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
-    );
+    let xid13 = series("whaleflux_gpu_xid_errors_total", &node, 0, ("xid", "13"));
+    let link0 = series("whaleflux_gpu_nvlink_errors_total", &node, 0, ("link", "0"));
     w.wait_for("XID 13 and the link errors", |w| {
         let m = w.metrics();
         value(&m, &xid13) == Some(1.0) && value(&m, &link0) == Some(7.0)
     });
     let m = w.metrics();
-    let hot = format!(
-        r#"whaleflux_gpu_throttled{{gpu="0",uuid="{}",model="{}",reason="hw_thermal"}}"#,
-        node.gpus[0].uuid, node.gpus[0].name
+    let hot = series(
+        "whaleflux_gpu_throttled",
+        &node,
+        0,
+        ("reason", "hw_thermal"),
     );
     assert_eq!(value(&m, &hot), Some(1.0), "{m}");
     assert_eq!(
