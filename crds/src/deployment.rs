@@ -417,4 +417,21 @@ pub struct LlmDeploymentStatus {
     /// In-cluster URL of the OpenAI-compatible API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+
+    /// Group recreations of the last hour, oldest first: what `spec.failover.restartBudget`
+    /// counts, kept in the status so a new operator leader counts the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<GroupRestart>,
+}
+
+/// One recreation of a replica group after a fault.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRestart {
+    /// Group number.
+    pub group: i32,
+    /// When the operator recreated it.
+    pub time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// What happened, naming the pod (and the GPU for a GPU fault).
+    pub reason: String,
 }

@@ -11,9 +11,9 @@ pub mod split;
 pub mod worker;
 
 pub use deployment::{
-    FailoverSpec, LlmDeployment, LlmDeploymentSpec, LlmDeploymentStatus, ModelShape, ModelSpec,
-    Objective, ParallelismSpec, Phase, PvcSource, ServingSpec, WeightDtype, WeightSource,
-    WeightsSpec,
+    FailoverSpec, GroupRestart, LlmDeployment, LlmDeploymentSpec, LlmDeploymentStatus, ModelShape,
+    ModelSpec, Objective, ParallelismSpec, Phase, PvcSource, ServingSpec, WeightDtype,
+    WeightSource, WeightsSpec,
 };
 pub use plan::{GroupPlacement, MemoryBreakdown, Plan, PlanEstimate, RejectedOption, StagePlan};
 pub use pool::{

@@ -16,6 +16,15 @@ pub const POD_NAME_ENV: &str = "POD_NAME";
 pub const CONFIG_MOUNT_PATH: &str = "/etc/whaleflux/worker.json";
 /// ConfigMap key of the rendered configuration.
 pub const CONFIG_KEY: &str = "worker.json";
+/// The exit status of a worker stopped by a fatal GPU fault (its termination message names the
+/// GPU and the fault). The operator quarantines the node of a container that ended with it.
+pub const EXIT_GPU_FAULT: i32 = 4;
+/// The exit status of a worker that stopped because its replica group failed (a peer went
+/// away): it is not the cause, the peer that stopped first is.
+pub const EXIT_GROUP_FAILED: i32 = 3;
+/// Where a container's termination message is written (Kubernetes' default
+/// `terminationMessagePath`).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// One worker process's view of its replica group.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -55,12 +55,9 @@ fn parse_node(s: &str) -> anyhow::Result<NodeSpec> {
             .with_context(|| format!("--gpu-node {s:?}: label {kv:?} is not key=value"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    Ok(NodeSpec {
-        name: name.to_string(),
-        gpu_product: Some(product.to_string()),
-        gpus,
-        labels,
-    })
+    let mut node = NodeSpec::gpu(name, product, gpus);
+    node.labels = labels;
+    Ok(node)
 }
 
 #[tokio::main]

@@ -269,6 +269,10 @@ struct OperatorArgs {
     /// Reconciles at once per controller (0 = unbounded).
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// Seconds a node may be NotReady before the worker pods on it are force-deleted so their
+    /// groups can start elsewhere (a dead node never confirms a deletion).
+    #[arg(long, default_value_t = 60)]
+    node_grace_seconds: u64,
     /// Cluster-wide settings for every worker pod (YAML: workerImage, imagePullSecrets,
     /// gpuTolerations), as the Helm chart's ConfigMap mounts them.
     #[arg(long, value_name = "FILE", env = "WHALEFLUX_OPERATOR_CONFIG")]
@@ -310,6 +314,7 @@ fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         },
         concurrency: args.concurrency,
         settings,
+        node_grace: Duration::from_secs(args.node_grace_seconds),
     };
     tracing::info!(identity = %cfg.lease.identity, "starting the WhaleFlux operator");
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -553,7 +553,11 @@ async fn smollm2_lifecycle_through_kubectl() {
         let used = c.server.audit().permissions_used(OPERATOR_USER);
         let granted = cluster_role_grants();
         let missing: Vec<_> = used.difference(&granted).collect();
-        let unused: Vec<_> = granted.difference(&used).collect();
+        // Quarantining a node needs a GPU fault; operator/tests/failover.rs asserts it used it.
+        let unused: Vec<_> = granted
+            .difference(&used)
+            .filter(|(g, r, v)| (g.as_str(), r.as_str(), v.as_str()) != ("", "nodes", "patch"))
+            .collect();
         assert!(
             missing.is_empty(),
             "the operator made calls the ClusterRole does not allow: {missing:?}"

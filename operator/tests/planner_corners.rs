@@ -8,7 +8,9 @@ use whaleflux_crds::InterNodeNetwork::{Ethernet, InfiniBand};
 use whaleflux_crds::{IntraNodeLink, Objective, Plan, PoolNode, WeightDtype};
 use whaleflux_operator::planner::catalog::cpu_slot;
 use whaleflux_operator::planner::models::Model;
-use whaleflux_operator::planner::{PlanError, PlanRequest, Pool, plan, plan_with_devices};
+use whaleflux_operator::planner::{
+    PlanError, PlanRequest, Pool, keep_placements, plan, plan_with_devices, plan_within_capacity,
+};
 
 fn fixed(model: &str, dtype: WeightDtype, tp: u32, pp: u32, seqs: u64) -> PlanRequest {
     let mut r = request(model, dtype, 4096, seqs, 1);
@@ -322,4 +324,55 @@ fn alternatives_that_fit_are_listed_before_options_that_do_not() {
         .expect("A100 TP 1 x PP 1 listed");
     assert!(a100.reason.contains("replica group"), "{}", a100.reason);
     assert_estimate_consistent(&p);
+}
+
+/// Fewer nodes than groups: the most groups that still fit, with why the full request did not;
+/// nothing fits at all: the full request's error.
+#[test]
+fn lost_capacity_plans_the_most_groups_that_fit() {
+    let mut req = fixed("smollm2-135m", WeightDtype::Q4_1, 3, 1, 8);
+    req.replicas = 3;
+    let mut pool = gpus("3x4xRTX4090", Ethernet);
+    let (p, why) = plan_within_capacity(&req, &pool, now()).expect("plan");
+    assert_eq!((p.replicas, why), (3, None));
+    unready(&mut pool, 2);
+    let (p, why) = plan_within_capacity(&req, &pool, now()).expect("plan");
+    assert_eq!(p.replicas, 1);
+    assert_eq!(p.groups.len(), 1);
+    let full = plan(&req, &pool, now()).expect_err("three groups do not fit");
+    assert_eq!(why, Some(full));
+    unready(&mut pool, 3);
+    assert!(plan_within_capacity(&req, &pool, now()).is_err());
+}
+
+/// A re-plan keeps each group that stays on its nodes under its number; the ones that move
+/// take the numbers left, and the stages follow group 0.
+#[test]
+fn a_replan_keeps_the_groups_that_do_not_move() {
+    let mut req = fixed("smollm2-135m", WeightDtype::Q4_1, 3, 1, 8);
+    req.replicas = 2;
+    let mut pool = gpus("3x4xRTX4090", Ethernet);
+    let before = plan(&req, &pool, now()).expect("plan");
+    let on = |p: &Plan| -> Vec<(i32, String)> {
+        p.groups
+            .iter()
+            .map(|g| (g.index, g.nodes.join(",")))
+            .collect()
+    };
+    assert_eq!(
+        on(&before),
+        [(0, "node-0".to_string()), (1, "node-1".to_string())]
+    );
+    unready(&mut pool, 1);
+    let mut after = plan(&req, &pool, now()).expect("plan");
+    keep_placements(&mut after, &before);
+    assert_eq!(
+        on(&after),
+        [(0, "node-2".to_string()), (1, "node-1".to_string())]
+    );
+    assert_eq!(after.stages[0].node, "node-2");
+    // An unchanged plan stays as it is.
+    let mut same = before.clone();
+    keep_placements(&mut same, &before);
+    assert_eq!(same, before);
 }

@@ -64,7 +64,7 @@ enum Cmd {
         gpu_sample_seconds: u64,
         /// Where a fatal GPU fault is written before the worker exits with status 4 (only when
         /// the file exists: the kubelet creates it in every container).
-        #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+        #[arg(long, value_name = "FILE", default_value = whaleflux_crds::worker::TERMINATION_LOG)]
         termination_log: PathBuf,
     },
     /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
@@ -131,7 +131,7 @@ fn die(reason: &str) -> ! {
     tracing::error!(reason, "the replica group failed; exiting");
     whaleflux_worker::comm::tcp::abort_all(reason);
     eprintln!("whaleflux-worker: the replica group failed: {reason}");
-    std::process::exit(3)
+    std::process::exit(whaleflux_crds::worker::EXIT_GROUP_FAILED)
 }
 
 /// Serve one process of a replica group from its rendered configuration.

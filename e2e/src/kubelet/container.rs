@@ -279,16 +279,32 @@ pub(super) fn spawn(
     let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = pod["metadata"]["name"].as_str().unwrap_or_default();
     let dir = pod_dir(&cfg.root, ns, name);
-    let mounts = mounts(st, pod, c, &dir).map_err(|m| ("ContainerCreating".to_string(), m))?;
+    let mut mounts = mounts(st, pod, c, &dir).map_err(|m| ("ContainerCreating".to_string(), m))?;
+    // The termination message file, empty at each start, where the container expects it.
+    let message = termination_log(&dir, c);
+    let io = |e: std::io::Error| ("RunContainerError".to_string(), e.to_string());
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::write(&message, "").map_err(io)?;
+    mounts.push((termination_message_path(c).to_string(), message));
     let argv: Vec<String> = argv.iter().map(|a| rewrite(a, &mounts)).collect();
     let env: Vec<(String, String)> = env
         .into_iter()
         .map(|(k, v)| (k, rewrite(&v, &mounts)))
         .collect();
     let mut env = env;
+    // What the node's runtime adds (its NVML), unless the pod sets it.
+    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+    for (k, v) in cfg
+        .nodes
+        .iter()
+        .filter(|n| n.name == node)
+        .flat_map(|n| &n.env)
+    {
+        if !env.iter().any(|(e, _)| e == k) {
+            env.push((k.clone(), v.clone()));
+        }
+    }
     let log_path = dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c")));
-    let io = |e: std::io::Error| ("RunContainerError".to_string(), e.to_string());
-    std::fs::create_dir_all(&dir).map_err(io)?;
     if !env.iter().any(|(k, _)| k == "KUBECONFIG")
         && let Some(path) = service_account_kubeconfig(st, pod, &dir).map_err(io)?
     {
@@ -317,6 +333,44 @@ pub(super) fn spawn(
             format!("starting {:?}: {e}", argv[0]),
         )
     })
+}
+
+/// Where the container writes its termination message (`terminationMessagePath`, by default
+/// `/dev/termination-log`).
+pub(super) fn termination_message_path(c: &Value) -> &str {
+    c["terminationMessagePath"]
+        .as_str()
+        .unwrap_or(DEFAULT_TERMINATION_MESSAGE_PATH)
+}
+
+/// Kubernetes' default `terminationMessagePath`.
+const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+
+/// The file standing for a container's termination message path.
+pub(super) fn termination_log(dir: &Path, c: &Value) -> PathBuf {
+    dir.join(format!(
+        "{}.termination-log",
+        c["name"].as_str().unwrap_or("c")
+    ))
+}
+
+/// A container's termination message after it exited with `code`: what it wrote to its
+/// termination message file (at most 4 KiB), or with `FallbackToLogsOnError` and a failure,
+/// the end of its log (the last 80 lines, at most 2 KiB), as the kubelet does.
+pub(super) fn termination_message(dir: &Path, c: &Value, code: i32) -> String {
+    let written = std::fs::read(termination_log(dir, c)).unwrap_or_default();
+    if !written.is_empty() {
+        let n = written.len().min(4096);
+        return String::from_utf8_lossy(&written[..n]).into_owned();
+    }
+    if code == 0 || c["terminationMessagePolicy"] != json!("FallbackToLogsOnError") {
+        return String::new();
+    }
+    let log = std::fs::read(dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c"))))
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&log[log.len().saturating_sub(2048)..]).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
 /// The pod's service-account credentials. A cluster mounts a token and CA under

@@ -109,11 +109,12 @@ pub(super) fn step(
     // Pods that are gone: dropping their Procs kills their processes.
     g.pods.retain(|uid, _| live_uids.contains(uid));
     let not_ready = g.not_ready.clone();
+    let powered_off = g.powered_off.clone();
     let mut work = Vec::new();
     for (k, pod) in pods {
         let Some(node) = pod["spec"]["nodeName"]
             .as_str()
-            .filter(|n| ours.iter().any(|o| o == n))
+            .filter(|n| ours.iter().any(|o| o == n) && !powered_off.iter().any(|o| o == n))
             .map(String::from)
         else {
             continue;
@@ -176,6 +177,7 @@ pub(super) fn step(
                 last_probe: None,
                 restart_at: Some(Instant::now()),
                 terminated: None,
+                ended: false,
                 waiting: None,
             });
             let pid = p.child.as_ref().and_then(Child::id);
@@ -189,15 +191,12 @@ pub(super) fn step(
                 let code = status.code().unwrap_or(137);
                 p.child = None;
                 p.ready = false;
-                p.terminated = Some((
-                    code,
-                    if code == 0 {
-                        "Completed".into()
-                    } else {
-                        "Error".into()
-                    },
-                    now(),
-                ));
+                let dir = pod_dir(&cfg.root, &k.namespace, &k.name);
+                p.terminated = Some(json!({"exitCode": code,
+                    "reason": if code == 0 { "Completed" } else { "Error" },
+                    "message": termination_message(&dir, c, code),
+                    "startedAt": p.started, "finishedAt": now()}));
+                p.ended = true;
                 let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
                 if restart {
                     let backoff = Duration::from_millis(200 * 2u64.pow(p.restarts.min(5)));
@@ -216,7 +215,7 @@ pub(super) fn step(
                         p.child = Some(child);
                         p.restart_at = None;
                         p.waiting = None;
-                        p.terminated = None;
+                        p.ended = false;
                         p.live_failures = 0;
                         p.last_probe = None;
                         p.ready = c["readinessProbe"].is_null();
@@ -261,13 +260,17 @@ pub(super) fn step(
                 json!({"running": {"startedAt": p.started}})
             } else if let Some((reason, message)) = &p.waiting {
                 json!({"waiting": {"reason": reason, "message": message}})
-            } else if let Some((code, reason, finished)) = &p.terminated {
-                json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": p.started, "finishedAt": finished}})
+            } else if let Some(t) = p.terminated.as_ref().filter(|_| p.ended) {
+                json!({"terminated": t})
             } else {
                 json!({"waiting": {"reason": "ContainerCreating"}})
             };
+            let last = match &p.terminated {
+                Some(t) if !p.ended => json!({"terminated": t}),
+                _ => json!({}),
+            };
             Some(json!({"name": cname, "image": c["image"], "imageID": "", "containerID": p.child.as_ref().and_then(Child::id).map(|id| format!("process://{id}")),
-                "ready": p.ready && p.child.is_some(), "started": p.child.is_some(), "restartCount": p.restarts, "state": state}))
+                "ready": p.ready && p.child.is_some(), "started": p.child.is_some(), "restartCount": p.restarts, "state": state, "lastState": last}))
         }).collect();
         let all_running =
             !statuses.is_empty() && statuses.iter().all(|s| s["state"]["running"].is_object());

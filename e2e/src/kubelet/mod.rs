@@ -49,6 +49,9 @@ pub struct NodeSpec {
     pub gpus: u32,
     /// Extra labels (e.g. a pool selector).
     pub labels: BTreeMap<String, String>,
+    /// Environment the node's container runtime adds to every container on it (as NVIDIA's
+    /// container toolkit injects the driver's NVML): e.g. the node's fake NVML library and state.
+    pub env: BTreeMap<String, String>,
 }
 
 impl NodeSpec {
@@ -59,7 +62,14 @@ impl NodeSpec {
             gpu_product: Some(product.into()),
             gpus,
             labels: BTreeMap::new(),
+            env: BTreeMap::new(),
         }
+    }
+
+    /// Add an environment variable every container on the node gets.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
     }
 
     /// Add a label.
@@ -111,8 +121,11 @@ struct Proc {
     live_failures: u32,
     last_probe: Option<Instant>,
     restart_at: Option<Instant>,
-    /// Exit code, reason, finish time.
-    terminated: Option<(i32, String, String)>,
+    /// How the process last ended: `{exitCode, reason, message, startedAt, finishedAt}` (the
+    /// state while it stays ended, `lastState` once it runs again).
+    terminated: Option<Value>,
+    /// Whether `terminated` is the current state (not restarted since).
+    ended: bool,
     waiting: Option<(String, String)>,
 }
 
@@ -130,6 +143,8 @@ struct Inner {
     pods: HashMap<String, (String, BTreeMap<String, Proc>)>,
     next_ip: u32,
     not_ready: Vec<String>,
+    /// Nodes without power: their processes are gone and nothing reports for them.
+    powered_off: Vec<String>,
 }
 
 /// A running process kubelet; dropping it kills every process it started.
@@ -371,6 +386,49 @@ impl Kubelet {
             };
             set_condition(n, "Ready", ready, reason, msg);
         });
+    }
+
+    /// Cut a node's power: every process of its pods dies at once, its Ready condition goes
+    /// Unknown, and nothing reports for its pods any more (deleted ones stay Terminating, as
+    /// on a real node that never confirms). [`Kubelet::power_on`] brings it back.
+    pub fn power_off(&self, node: &str) {
+        let uids: Vec<String> = {
+            let (pods, _) = self.state.store.list("", "pods", None);
+            pods.iter()
+                .filter(|(_, p)| p["spec"]["nodeName"] == json!(node))
+                .filter_map(|(_, p)| p["metadata"]["uid"].as_str().map(String::from))
+                .collect()
+        };
+        {
+            let mut g = self.lock();
+            g.powered_off.retain(|n| n != node);
+            g.powered_off.push(node.to_string());
+            g.not_ready.retain(|n| n != node);
+            g.not_ready.push(node.to_string());
+            // Dropping each Proc kills its process group.
+            g.pods.retain(|uid, _| !uids.contains(uid));
+        }
+        modify(&self.state, &key("nodes", "", node), |n| {
+            set_condition(
+                n,
+                "Ready",
+                false,
+                "NodeStatusUnknown",
+                "Kubelet stopped posting node status.",
+            );
+            if let Some(c) = n["status"]["conditions"]
+                .as_array_mut()
+                .and_then(|cs| cs.iter_mut().find(|c| c["type"] == json!("Ready")))
+            {
+                c["status"] = json!("Unknown");
+            }
+        });
+    }
+
+    /// Restore a node's power: it reports Ready again and runs its pods.
+    pub fn power_on(&self, node: &str) {
+        self.lock().powered_off.retain(|n| n != node);
+        self.set_node_ready(node, true);
     }
 
     /// A container's combined stdout and stderr so far.

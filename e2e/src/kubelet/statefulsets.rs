@@ -27,10 +27,7 @@ pub(super) fn reconcile_statefulsets(st: &AppState) {
             if let Some(p) = existing {
                 let stale = p["metadata"]["labels"]["controller-revision-hash"] != json!(revision);
                 if stale && p["metadata"]["deletionTimestamp"].is_null() {
-                    let _ = st.store.write(
-                        &key("pods", &k.namespace, &pod_name),
-                        |_, _| -> Result<Write, ApiError> { Ok(Write::Delete) },
-                    );
+                    delete_pod(st, &k.namespace, &pod_name);
                 }
                 continue;
             }
@@ -67,12 +64,11 @@ pub(super) fn reconcile_statefulsets(st: &AppState) {
             let ordinal = p["metadata"]["labels"]["apps.kubernetes.io/pod-index"]
                 .as_str()
                 .and_then(|s| s.parse::<u64>().ok());
-            if ordinal.is_some_and(|o| o >= replicas) {
+            if ordinal.is_some_and(|o| o >= replicas)
+                && p["metadata"]["deletionTimestamp"].is_null()
+            {
                 let n = p["metadata"]["name"].as_str().unwrap_or_default();
-                let _ = st.store.write(
-                    &key("pods", &k.namespace, n),
-                    |_, _| -> Result<Write, ApiError> { Ok(Write::Delete) },
-                );
+                delete_pod(st, &k.namespace, n);
             }
         }
         let live: Vec<&Arc<Value>> = owned
@@ -92,4 +88,24 @@ pub(super) fn reconcile_statefulsets(st: &AppState) {
                 "collisionCount": 0, "selector": selector});
         });
     }
+}
+
+/// Deletes a pod as the controller does: gracefully when it is bound to a node (its kubelet
+/// stops it and confirms, so on a dead node it stays Terminating), at once otherwise.
+fn delete_pod(st: &AppState, ns: &str, name: &str) {
+    let _ = st.store.write(
+        &key("pods", ns, name),
+        |cur, _| -> Result<Write, ApiError> {
+            let Some(cur) = cur else {
+                return Ok(Write::Keep);
+            };
+            if cur["spec"]["nodeName"].is_null() {
+                return Ok(Write::Delete);
+            }
+            let mut p = cur.as_ref().clone();
+            p["metadata"]["deletionTimestamp"] = json!(now());
+            p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+            Ok(Write::Put(p))
+        },
+    );
 }

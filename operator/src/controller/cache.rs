@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
 use kube::ResourceExt;
 use kube::runtime::watcher;
 
@@ -89,6 +89,22 @@ pub(super) fn trim_statefulset(sts: &mut StatefulSet) {
         spec.volume_claim_templates = None;
         spec.update_strategy = None;
         spec.persistent_volume_claim_retention_policy = None;
+    }
+}
+
+/// What the operator caches of a worker pod: what failover reads (labels, annotations, times,
+/// its node, phase and container states), not its spec.
+pub(super) fn trim_pod(pod: &mut Pod) {
+    trim(pod);
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    pod.spec = Some(PodSpec {
+        node_name: node,
+        containers: Vec::new(),
+        ..PodSpec::default()
+    });
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.init_container_statuses = None;
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::Action;
+use kube::runtime::controller::Action as Requeue;
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -20,14 +20,17 @@ use serde::de::DeserializeOwned;
 use whaleflux_crds::LlmDeployment;
 
 use super::events::Severity;
+use super::failover;
 use super::{Context, Error};
 use crate::planner::{self, PlanRequest, Pool};
 use crate::resources::children::{self, Children, FIELD_MANAGER, MANAGED_BY, SECRET_KEY};
 use crate::status::condition;
 use crate::status::deployment::{
-    GroupState, Planned, condition_of, deployment_status, group_state, needs_plan, plan_summary,
+    GroupFault, GroupState, Planned, condition_of, deployment_status, group_state, needs_plan,
+    plan_summary,
 };
 pub use crate::status::deployment::{planned_at_generation, pool_change_matters};
+use crate::status::failover::{Action, GroupSpec};
 
 /// Rejected options kept in `status.plan.rejected`.
 pub const STATUS_REJECTED: usize = 8;
@@ -41,7 +44,7 @@ pub fn key(d: &LlmDeployment) -> String {
 }
 
 /// Reconciles one LlmDeployment (through the finalizer helper).
-pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
     let labels = vec![("controller", "llmdeployment".to_string())];
     ctx.metrics.reconciles.get_or_create(&labels).inc();
@@ -70,7 +73,13 @@ pub async fn reconcile(d: Arc<LlmDeployment>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
-async fn publish(ctx: &Context, d: &LlmDeployment, warning: bool, reason: &str, note: String) {
+pub(super) async fn publish(
+    ctx: &Context,
+    d: &LlmDeployment,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     let severity = if warning {
         Severity::Warning
     } else {
@@ -120,6 +129,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
                     "GpuPool {pool_name:?} does not exist; create it or fix spec.gpuPool (kubectl get gpool lists them)"
                 ),
             ),
+            reduced: None,
         };
     };
     if pool.status.is_none() {
@@ -130,6 +140,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
                 "GpuPoolNotObserved",
                 format!("GpuPool {pool_name:?} has no status yet"),
             ),
+            reduced: None,
         };
     }
     // Our own status write may not be in the watch cache yet: reuse the plan this process
@@ -152,6 +163,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
             return Planned {
                 condition: (true, "PlanChosen", plan_summary(&plan)),
                 plan: Some(plan),
+                reduced: None,
             };
         }
     }
@@ -169,6 +181,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
         return Planned {
             plan: current,
             condition: (true, "PlanChosen", msg),
+            reduced: None,
         };
     }
     let request = match PlanRequest::from_spec(&d.spec) {
@@ -186,18 +199,32 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
             return Planned {
                 plan: current,
                 condition: (false, "InvalidSpec", e.to_string()),
+                reduced: None,
             };
         }
     };
     // Plan under the ledger's view of the pool: every node's GPUs minus what other deployments
     // hold. Planning and recording happen under one lock so concurrent reconciles never hand
     // out the same GPUs twice.
+    // When the pool lost GPUs under a running plan, the most groups that still fit
+    // (failover's reduced capacity). A spec the pool never could hold is refused instead.
+    let may_reduce = planned_at_generation(d);
+    let mut reduced = None;
     let outcome = ctx.ledger.plan_and_record(pool_name, &k, |used| {
         let mut view = Pool::from_gpu_pool(&pool);
         for n in &mut view.nodes {
             n.allocatable = (n.gpu_count - used.get(&n.name).copied().unwrap_or(0)).max(0);
         }
-        planner::plan(&request, &view, now)
+        let (mut plan, short) = if may_reduce {
+            planner::plan_within_capacity(&request, &view, now)?
+        } else {
+            (planner::plan(&request, &view, now)?, None)
+        };
+        reduced = short.map(|e| e.to_string());
+        if let Some(previous) = &current {
+            planner::keep_placements(&mut plan, previous);
+        }
+        Ok::<_, planner::PlanError>(plan)
     });
     match outcome {
         Ok((plan, changed)) => {
@@ -212,12 +239,19 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
             let msg = plan_summary(&plan);
             let same = current.as_ref().is_some_and(|c| plan_summary(c) == msg);
             if !same {
-                publish(ctx, d, false, "PlanChosen", msg.clone()).await;
-                tracing::info!(deployment = %k, "plan chosen: {msg}");
+                match &reduced {
+                    Some(why) => {
+                        let note = format!("{msg}; fewer groups than spec.replicas: {why}");
+                        publish(ctx, d, true, "ReducedCapacity", note).await;
+                    }
+                    None => publish(ctx, d, false, "PlanChosen", msg.clone()).await,
+                }
+                tracing::info!(deployment = %k, reduced = reduced.is_some(), "plan chosen: {msg}");
             }
             Planned {
                 plan: Some(plan),
                 condition: (true, "PlanChosen", msg),
+                reduced,
             }
         }
         Err(e) => {
@@ -234,6 +268,7 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
             Planned {
                 plan: current,
                 condition: (false, "NoPlanFits", msg),
+                reduced: None,
             }
         }
     }
@@ -252,7 +287,7 @@ async fn group_secret(api: &Api<Secret>, name: &str) -> Result<(String, bool), E
     Ok((bytes.iter().map(|b| format!("{b:02x}")).collect(), false))
 }
 
-async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
+async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
     let now = Timestamp::now();
     let name = d.name_any();
     let ns = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
@@ -334,14 +369,20 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
             rolling |= outdated;
             groups.push(GroupState {
                 index: g.index,
-                hash: g.config_hash.clone(),
+                // What the group's StatefulSet now asks for: failover replaces older pods.
+                hash: if write {
+                    g.config_hash.clone()
+                } else {
+                    state.as_ref().map(|s| s.hash.clone()).unwrap_or_default()
+                },
                 ready: !(write && outdated) && state.is_some_and(|s| s.ready),
+                fault: None,
             });
         }
         ssa(&svc_api, &built.api_service).await?;
         ssa(&pdb_api, &built.pdb).await?;
-        // Groups beyond spec.replicas go (scale down).
-        for (index, (sts, _)) in existing.range(d.spec.replicas.max(0)..) {
+        // Groups beyond the plan's go (scale down, or capacity lost).
+        for (index, (sts, _)) in existing.range(plan.replicas.min(d.spec.replicas).max(0)..) {
             let dp = DeleteParams::background();
             let sts_name = sts.name_any();
             ignore_not_found(sts_api.delete(&sts_name, &dp).await)?;
@@ -357,8 +398,8 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
                 false,
                 "GroupDeleted",
                 format!(
-                    "replica group {index} deleted (spec.replicas is {})",
-                    d.spec.replicas
+                    "replica group {index} deleted ({} planned, spec.replicas is {})",
+                    plan.replicas, d.spec.replicas
                 ),
             )
             .await;
@@ -370,7 +411,39 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    let status = deployment_status(&d, &planned, &groups, rolling, created_now, now);
+    // Failover: recreate faulty groups, quarantine nodes whose GPU failed, clear dead nodes.
+    let specs: Vec<GroupSpec> = groups
+        .iter()
+        .map(|g| GroupSpec {
+            index: g.index,
+            hash: g.hash.clone(),
+        })
+        .collect();
+    let outcome = failover::run(ctx, &d, &specs, now).await?;
+    let recent = now - SignedDuration::from_mins(5);
+    for g in &mut groups {
+        g.fault = match outcome
+            .decision
+            .exhausted
+            .iter()
+            .find(|(i, _)| *i == g.index)
+        {
+            Some((_, why)) => Some(GroupFault::Exhausted(why.clone())),
+            None => outcome
+                .decision
+                .restarts
+                .iter()
+                .rfind(|r| r.group == g.index && r.time.0 > recent)
+                .map(|r| GroupFault::Recreated(r.reason.clone())),
+        };
+        if outcome.decision.actions.iter().any(
+            |a| matches!(a, Action::Recreate { group, counted: true, .. } if *group == g.index),
+        ) {
+            g.ready = false;
+        }
+    }
+    let mut status = deployment_status(&d, &planned, &groups, rolling, created_now, now);
+    status.restarts = outcome.decision.restarts.clone();
     let ready = status.ready_replicas;
     let degraded = status
         .conditions
@@ -386,13 +459,16 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
     }
     // Progress arrives as events (the groups' StatefulSets, the pool), so no polling while
     // groups start; the requeues are safety nets.
-    Ok(if !planned.condition.0 {
-        Action::requeue(Duration::from_secs(30))
+    let wait = if !planned.condition.0 {
+        Duration::from_secs(30)
     } else if rolling {
-        Action::requeue(Duration::from_secs(60))
+        Duration::from_secs(60)
     } else {
-        Action::requeue(Duration::from_secs(300))
-    })
+        Duration::from_secs(300)
+    };
+    Ok(Requeue::requeue(
+        outcome.recheck.map_or(wait, |r| r.min(wait)),
+    ))
 }
 
 /// The deployment's groups as the StatefulSet cache has them (the same watch that wakes this
@@ -430,7 +506,7 @@ fn existing_groups(
     out
 }
 
-fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
+pub(super) fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
     match r {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -438,7 +514,7 @@ fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
     }
 }
 
-async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
     let name = d.name_any();
     let ns = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
     let client = ctx.client.clone();
@@ -474,6 +550,7 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Action, Error> 
         ctx.pool_changed();
     }
     ctx.metrics.forget_deployment(&ns, &name);
+    failover::forget(ctx, &key(&d));
     tracing::info!(deployment = %key(&d), "children removed; releasing the finalizer");
-    Ok(Action::await_change())
+    Ok(Requeue::await_change())
 }

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod deployment;
 pub mod events;
+pub mod failover;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
@@ -20,6 +21,7 @@ use futures_util::{FutureExt, StreamExt, future, stream};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::SignedDuration;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::Predicate;
@@ -30,7 +32,7 @@ use whaleflux_crds::{GpuPool, LlmDeployment};
 
 use crate::resources::children::{BuildError, FIELD_MANAGER, MANAGED_BY};
 use crate::resources::settings::ClusterSettings;
-use cache::{GroupIndex, trim, trim_node, trim_statefulset};
+use cache::{GroupIndex, trim, trim_node, trim_pod, trim_statefulset};
 pub use lease::LeaseConfig;
 use ledger::Ledger;
 pub use metrics::Metrics;
@@ -161,6 +163,12 @@ pub struct Context {
     pub statefulsets: Store<StatefulSet>,
     /// Which group numbers each deployment's StatefulSets have (to look them up by name).
     pub groups: Arc<GroupIndex>,
+    /// Every worker pod of every deployment (trimmed to what failover reads).
+    pub pods: Store<Pod>,
+    /// How long a node may be NotReady before its worker pods are force-deleted.
+    pub node_grace: SignedDuration,
+    /// What failover decided per deployment, until its status shows it.
+    pub failover: Mutex<HashMap<String, failover::Memory>>,
     /// When each pool's status was last written, so allocation changes are coalesced.
     pub pool_writes: Mutex<HashMap<String, Instant>>,
     /// Per-object backoff.
@@ -189,6 +197,9 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// What the cluster's admin set for every worker pod.
     pub settings: ClusterSettings,
+    /// How long a node may be NotReady before the worker pods on it are force-deleted (a real
+    /// cluster leaves them Terminating forever, and their StatefulSet never replaces them).
+    pub node_grace: Duration,
 }
 
 /// Why the operator stopped.
@@ -302,7 +313,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
 
     let outcome = tokio::select! {
         why = lease::hold(&leases, &cfg.lease, held) => Err(RunError::LostLease(why)),
-        () = controllers(client, metrics.clone(), cfg.concurrency, cfg.settings.clone(), stopped()) => Ok(()),
+        () = controllers(client, metrics.clone(), &cfg, stopped()) => Ok(()),
     };
     metrics.leader.set(0);
     if outcome.is_ok() {
@@ -382,10 +393,10 @@ async fn rebuild_ledger(client: &Client, ledger: &Ledger) -> Result<usize, kube:
 async fn controllers(
     client: Client,
     metrics: Arc<Metrics>,
-    concurrency: u16,
-    settings: ClusterSettings,
+    cfg: &OperatorConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    let concurrency = cfg.concurrency;
     let stop = stop.shared();
     // Nodes: one reflector; every change asks the pool controller to recompute the pools.
     let (node_reader, node_writer) = reflector::store::<Node>();
@@ -447,6 +458,18 @@ async fn controllers(
         }
     })
     .touched_objects();
+    // The worker pods: a restart, exit or deletion wakes their deployment (failover).
+    let (pod_reader, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={MANAGED_BY},app.kubernetes.io/component=worker"
+        )),
+    )
+    .default_backoff()
+    .modify(trim_pod)
+    .reflect(pod_writer)
+    .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         events,
@@ -456,10 +479,14 @@ async fn controllers(
         pools: pools.clone(),
         statefulsets: sts_reader,
         groups,
+        pods: pod_reader,
+        node_grace: SignedDuration::try_from(cfg.node_grace)
+            .unwrap_or(SignedDuration::from_secs(60)),
+        failover: Mutex::new(HashMap::new()),
         pool_writes: Mutex::new(HashMap::new()),
         backoff: Backoff::default(),
         pool_trigger: trigger_tx,
-        settings,
+        settings: cfg.settings.clone(),
     });
 
     // Rebuild the ledger from the plans the API server holds before planning anything new
@@ -533,6 +560,10 @@ async fn controllers(
     let llmd_run = Controller::for_stream(llmd_stream, llmd_reader)
         .with_config(controller::Config::default().concurrency(concurrency))
         .owns_stream(sts_stream)
+        .watches_stream(pod_stream, |pod: Pod| {
+            let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
+            Some(ObjectRef::<LlmDeployment>::new(&name).within(&pod.namespace()?))
+        })
         .watches(
             Api::<GpuPool>::all(client.clone()),
             watcher::Config::default(),

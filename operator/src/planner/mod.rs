@@ -210,6 +210,69 @@ pub fn plan(request: &PlanRequest, pool: &Pool, now: Timestamp) -> Result<Plan, 
     choose::plan(request, pool, &[], now)
 }
 
+/// Plans `request`; when the pool cannot hold all of its replica groups, plans the most groups
+/// it can hold (fewer groups first, each with the best split that fits) and also returns why the
+/// full request did not fit. Failover runs this, so a deployment keeps serving what the pool
+/// still has rather than nothing.
+pub fn plan_within_capacity(
+    request: &PlanRequest,
+    pool: &Pool,
+    now: Timestamp,
+) -> Result<(Plan, Option<PlanError>), PlanError> {
+    let full = match plan(request, pool, now) {
+        Ok(p) => return Ok((p, None)),
+        Err(e) => e,
+    };
+    // Fitting is monotone in the group count: search for the most groups that fit.
+    let (mut lo, mut hi) = (1u32, request.replicas.saturating_sub(1));
+    let mut best = None;
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let mut fewer = request.clone();
+        fewer.replicas = mid;
+        match plan(&fewer, pool, now) {
+            Ok(p) => {
+                best = Some(p);
+                lo = mid + 1;
+            }
+            Err(_) => hi = mid - 1,
+        }
+    }
+    match best {
+        Some(p) => Ok((p, Some(full))),
+        None => Err(full),
+    }
+}
+
+/// Renumbers `plan`'s groups so each group placed on the same nodes as a group of `previous`
+/// keeps that group's number: a re-plan after a node is lost moves the groups that must move and
+/// leaves the others where they run. Groups on new nodes take the numbers left, in order.
+pub fn keep_placements(plan: &mut Plan, previous: &Plan) {
+    let n = plan.groups.len() as i32;
+    let mut taken = vec![false; plan.groups.len()];
+    let mut index: Vec<Option<i32>> = vec![None; plan.groups.len()];
+    for old in previous.groups.iter().filter(|g| g.index < n) {
+        if let Some(i) = (0..plan.groups.len())
+            .find(|&i| index[i].is_none() && plan.groups[i].nodes == old.nodes)
+        {
+            index[i] = Some(old.index);
+            taken[old.index as usize] = true;
+        }
+    }
+    let mut free = (0..n).filter(|i| !taken[*i as usize]);
+    for (i, g) in plan.groups.iter_mut().enumerate() {
+        g.index = index[i].or_else(|| free.next()).unwrap_or(g.index);
+    }
+    plan.groups.sort_by_key(|g| g.index);
+    if let Some(first) = plan.groups.first() {
+        for s in &mut plan.stages {
+            if let Some(node) = first.nodes.get(s.index as usize) {
+                s.node.clone_from(node);
+            }
+        }
+    }
+}
+
 /// Plans like [`plan`], where the pool's nodes may also name `devices` that are not in the
 /// catalog (matched by [`GpuSpec::matches`] before the catalog): `whaleflux run` describes this
 /// machine's CPU slots ([`catalog::cpu_slot`]) this way, since their size depends on the host.

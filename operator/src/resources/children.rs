@@ -19,7 +19,9 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use whaleflux_crds::worker::{CONFIG_KEY, CONFIG_MOUNT_PATH, GROUP_SECRET_ENV, POD_NAME_ENV};
+use whaleflux_crds::worker::{
+    CONFIG_KEY, CONFIG_MOUNT_PATH, GROUP_SECRET_ENV, POD_NAME_ENV, TERMINATION_LOG,
+};
 use whaleflux_crds::{LlmDeployment, Plan, WorkerConfig};
 
 use super::settings::ClusterSettings;
@@ -387,6 +389,15 @@ fn build_group(
     let mut worker_plan = plan.clone();
     worker_plan.rejected.clear();
     worker_plan.groups.retain(|g| g.index == group);
+    // Each stage on this group's node, so the group's configuration (and hash) does not change
+    // when another group moves.
+    if let Some(own) = worker_plan.groups.first() {
+        for s in &mut worker_plan.stages {
+            if let Some(n) = own.nodes.get(s.index as usize) {
+                s.node.clone_from(n);
+            }
+        }
+    }
     let config = worker_config::render(
         deployment,
         &worker_plan,
@@ -473,6 +484,9 @@ fn build_group(
             CONFIG_MOUNT_PATH.into(),
             "--host".into(),
             format!("$({POD_IP_ENV})"),
+            // Where a fatal GPU fault is reported (the pod's termination message path).
+            "--termination-log".into(),
+            TERMINATION_LOG.into(),
         ]),
         env: Some(vec![
             EnvVar {
@@ -526,6 +540,7 @@ fn build_group(
         ]),
         // A worker stopped by a fatal GPU fault writes it to /dev/termination-log; any other
         // failure leaves the end of its log there.
+        termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         // Generous: a stage that loses a peer reports not ready, not dead; only a hung process

@@ -3,6 +3,7 @@
 //! call these, and apply what they return.
 
 pub mod deployment;
+pub mod failover;
 pub mod pool;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -195,15 +195,26 @@ impl Cluster {
 
     /// Starts `whaleflux operator` as the operator's service account.
     pub fn operator(&self, name: &str, lease_seconds: u64) -> Operator {
-        self.spawn_operator(name, lease_seconds, &self.operator_kubeconfig)
+        self.spawn_operator(name, lease_seconds, &self.operator_kubeconfig, &[])
+    }
+
+    /// Starts `whaleflux operator` with more flags.
+    pub fn operator_with(&self, name: &str, lease_seconds: u64, args: &[&str]) -> Operator {
+        self.spawn_operator(name, lease_seconds, &self.operator_kubeconfig, args)
     }
 
     /// Starts a second operator replica as [`OPERATOR_B_USER`].
     pub fn operator_b(&self, name: &str, lease_seconds: u64) -> Operator {
-        self.spawn_operator(name, lease_seconds, &self.operator_b_kubeconfig)
+        self.spawn_operator(name, lease_seconds, &self.operator_b_kubeconfig, &[])
     }
 
-    fn spawn_operator(&self, name: &str, lease_seconds: u64, kubeconfig: &Path) -> Operator {
+    fn spawn_operator(
+        &self,
+        name: &str,
+        lease_seconds: u64,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Operator {
         let port = free_port();
         let log = self.dir.join(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log");
@@ -219,6 +230,7 @@ impl Cluster {
                 "--lease-duration-seconds",
                 &lease_seconds.to_string(),
             ])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,whaleflux_operator=debug")
             .env_remove("POD_NAME")
@@ -319,6 +331,19 @@ impl Cluster {
                 String::from_utf8_lossy(&o.stderr)
             ));
         }
+        if let Some(kubelet) = &self.kubelet {
+            let pods = self.kubectl(&["get", "pods", "-o", "name"], None);
+            for pod in String::from_utf8_lossy(&pods.stdout).lines() {
+                let name = pod.trim_start_matches("pod/");
+                let log = kubelet.logs("default", name, "worker");
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                out.push_str(&format!("pod {name} log (tail):\n"));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
         let log = op.log_text();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         out.push_str("operator log (tail):\n");
@@ -327,6 +352,30 @@ impl Cluster {
             out.push('\n');
         }
         out
+    }
+
+    /// [`eventually`], with diagnostics when it times out.
+    pub async fn eventually_or_diagnose<F, Fut>(
+        &self,
+        op: &Operator,
+        what: &str,
+        limit: Duration,
+        mut check: F,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "timed out after {limit:?} waiting for {what}\n{}",
+            self.diagnose(op)
+        );
     }
 
     /// kubectl that must succeed, with diagnostics on failure.

@@ -63,8 +63,7 @@ pub struct MonitorConfig {
     pub termination_log: PathBuf,
 }
 
-/// The exit status of a worker stopped by a fatal GPU fault.
-pub const EXIT_GPU_FAULT: i32 = 4;
+pub use whaleflux_crds::worker::EXIT_GPU_FAULT;
 
 /// A fatal fault stops the rank: `/readyz` already answers 503 with the fault; the reason goes
 /// to the termination message and the log, and the process exits with [`EXIT_GPU_FAULT`] so
