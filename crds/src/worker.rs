@@ -59,10 +59,30 @@ pub struct WorkerConfig {
     /// Milliseconds a peer may take to connect or to answer a step before the group fails fast.
     #[serde(default = "default_peer_timeout_ms")]
     pub peer_timeout_ms: i64,
+    /// Milliseconds from the process's start within which its group must have formed (every
+    /// peer loaded and connected): ranks load at different speeds, and one that is ready first
+    /// waits this long (started, not ready) for the slowest instead of failing the group.
+    #[serde(default = "default_formation_timeout_ms")]
+    pub formation_timeout_ms: i64,
 }
 
 fn default_peer_timeout_ms() -> i64 {
     30_000
+}
+
+fn default_formation_timeout_ms() -> i64 {
+    600_000
+}
+
+/// How long a group of `plan` may take to form: two minutes, plus reading the largest stage's
+/// weights at 100 MB/s (a slow network volume), so a 70B model's ranks are not failed while
+/// they still load.
+pub fn formation_timeout_ms(plan: &Plan) -> i64 {
+    let stage_bytes = plan
+        .memory_per_gpu_bytes
+        .weights
+        .saturating_mul(i64::from(plan.tensor_parallel.max(1)));
+    120_000 + stage_bytes / 100_000
 }
 
 /// The model file as the worker sees it.

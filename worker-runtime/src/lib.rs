@@ -178,6 +178,12 @@ impl GroupProcess {
         let (listener, tcp) = if multi {
             let mut opts = comm::tcp::TcpOptions::from_env(cfg.group, timeout)?;
             opts.on_fail = on_fail;
+            // The group forms within its deadline from this process's start, however long
+            // each rank takes to load.
+            opts.connect_by = Some(
+                std::time::Instant::now()
+                    + std::time::Duration::from_millis(cfg.formation_timeout_ms.max(0) as u64),
+            );
             let port = u16::try_from(cfg.ports.peer).unwrap_or(0);
             (Some(comm::tcp::listen_on(bind_host, port)?), Some(opts))
         } else {

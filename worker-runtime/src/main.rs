@@ -131,6 +131,9 @@ fn die(reason: &str) -> ! {
     tracing::error!(reason, "the replica group failed; exiting");
     whaleflux_worker::comm::tcp::abort_all(reason);
     eprintln!("whaleflux-worker: the replica group failed: {reason}");
+    // Requests open on this rank end with the reason, not a cut connection.
+    whaleflux_worker::server::fail_in_flight(reason);
+    std::thread::sleep(whaleflux_worker::server::FAIL_FLUSH);
     std::process::exit(whaleflux_crds::worker::EXIT_GROUP_FAILED)
 }
 

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,6 +43,8 @@ impl Worker {
                 "256",
                 "--gpu-sample-seconds",
                 "1",
+                "--model-name",
+                "smollm2",
             ])
             .arg("--model")
             .arg(common::model_path())
@@ -259,9 +262,34 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     assert!(w.get("/readyz").is_some(), "still ready");
 
     // XID 79 (fell off the bus) is fatal: the rank stops, exit status 4, the reason naming
-    // the GPU in the termination message.
+    // the GPU in the termination message; a streamed answer in flight ends with an error event
+    // naming it, never a clean end.
+    let (started, answer) = streamed_completion(&w.addr);
+    if started.recv_timeout(Duration::from_secs(120)).is_err() {
+        let (body, _) = answer.join().expect("request thread");
+        panic!("no streamed token before the fault: {body}");
+    }
     node.xids.push((0, 79));
     node.write(&state).expect("state written");
+    let fault_at = Instant::now();
+    let (body, ended) = answer.join().expect("request thread");
+    eprintln!(
+        "the request in flight ended {:?} after the XID was written",
+        ended.saturating_duration_since(fault_at)
+    );
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let last = events.last().copied().unwrap_or_default();
+    assert!(
+        last.contains("\"error\"")
+            && last.contains("fatal GPU fault on GPU 0")
+            && last.contains("xid_79")
+            && last.contains("replica_failed"),
+        "the last event must be the error: {body}"
+    );
+    assert!(!body.contains("[DONE]"), "{body}");
     let status = w.wait_exit();
     assert_eq!(status.code(), Some(4), "{}", w.log_text());
     let message = std::fs::read_to_string(&w.termination_log).unwrap_or_default();
@@ -311,4 +339,43 @@ fn without_nvml_the_worker_serves_and_says_no_gpu() {
     assert!(!m.contains("whaleflux_gpu_temperature_celsius{"), "{m}");
     assert!(m.contains("whaleflux_worker_requests"), "{m}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts a long streamed completion on `addr` in a thread: the receiver hears when the first
+/// token arrived; the thread returns the whole response and when it ended.
+fn streamed_completion(
+    addr: &str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<(String, Instant)>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = addr.to_string();
+    let handle = std::thread::spawn(move || {
+        let body = r#"{"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true}"#;
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("request");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if !told && String::from_utf8_lossy(&out).contains("\"text\"") {
+                told = true;
+                let _ = tx.send(());
+            }
+        }
+        (String::from_utf8_lossy(&out).into_owned(), Instant::now())
+    });
+    (rx, handle)
 }

@@ -68,6 +68,7 @@ fn configs(tp: usize, pp: usize, tp_processes: bool, timeout_ms: i64) -> Vec<Wor
             },
             threads: 1,
             peer_timeout_ms: timeout_ms,
+            formation_timeout_ms: timeout_ms,
         })
         .collect()
 }

@@ -114,6 +114,7 @@ pub fn render(
         },
         threads: 0,
         peer_timeout_ms: 30_000,
+        formation_timeout_ms: whaleflux_crds::worker::formation_timeout_ms(plan),
     }
 }
 

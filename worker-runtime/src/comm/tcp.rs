@@ -37,6 +37,9 @@ pub struct TcpOptions {
     pub timeout: Duration,
     /// What to do when a connected peer fails.
     pub on_fail: Option<FailHook>,
+    /// When the peers must have connected by (the group's formation deadline, counted from
+    /// the process's start); never sooner than `timeout` from the call to [`connect`].
+    pub connect_by: Option<Instant>,
 }
 
 impl TcpOptions {
@@ -51,6 +54,7 @@ impl TcpOptions {
             secret: secret.into_bytes(),
             timeout,
             on_fail: None,
+            connect_by: None,
         })
     }
 }
@@ -379,7 +383,11 @@ pub fn connect(
     peers: &[PeerEndpoint],
     opts: &TcpOptions,
 ) -> Result<HashMap<RankId, Arc<TcpConn>>, CommError> {
-    let deadline = Instant::now() + opts.timeout;
+    let began = Instant::now();
+    let deadline = opts
+        .connect_by
+        .map_or(began + opts.timeout, |by| by.max(began + opts.timeout));
+    let window_ms = deadline.saturating_duration_since(began).as_millis() as u64;
     let port = listener.local_addr().map_or(0, |a| a.port());
     let expected: Vec<RankId> = peers.iter().map(|p| p.id).filter(|&id| id > me).collect();
     let acc_opts = opts.clone();
@@ -402,7 +410,7 @@ pub fn connect(
                     return Err(CommError::NoDialIn {
                         peer: missing(),
                         port,
-                        ms: acc_opts.timeout.as_millis() as u64,
+                        ms: window_ms,
                     });
                 }
                 match listener.accept() {
@@ -594,6 +602,7 @@ mod tests {
             secret: secret.as_bytes().to_vec(),
             timeout: Duration::from_secs(5),
             on_fail: None,
+            connect_by: None,
         }
     }
 
@@ -629,6 +638,46 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().expect("thread")).collect()
         })
+    }
+
+    /// Gang start: rank 0 waits for a rank that starts dialing after its step timeout, up to
+    /// the group's formation deadline; past it, it fails naming the missing rank.
+    #[test]
+    fn a_slow_loading_peer_is_awaited_until_the_formation_deadline() {
+        let form = |late: Duration, by: Duration| {
+            let l0 = listen(0).expect("listen");
+            let l1 = listen(0).expect("listen");
+            let ep = |r: usize, l: &TcpListener| PeerEndpoint {
+                id: rank(r),
+                host: "127.0.0.1".into(),
+                port: l.local_addr().expect("addr").port(),
+            };
+            let (e0, e1) = (ep(0, &l0), ep(1, &l1));
+            std::thread::scope(|sc| {
+                let first = sc.spawn(move || {
+                    let mut o = opts("s");
+                    o.timeout = Duration::from_millis(200);
+                    o.connect_by = Some(Instant::now() + by);
+                    connect(rank(0), l0, &[e1], &o).map(|c| c.len())
+                });
+                let slow = sc.spawn(move || {
+                    std::thread::sleep(late);
+                    let mut o = opts("s");
+                    o.timeout = Duration::from_secs(2);
+                    connect(rank(1), l1, &[e0], &o).map(|c| c.len())
+                });
+                (first.join().expect("rank 0"), slow.join().expect("rank 1"))
+            })
+        };
+        let (a, b) = form(Duration::from_millis(700), Duration::from_secs(3));
+        assert_eq!(
+            (a.ok(), b.ok()),
+            (Some(1), Some(1)),
+            "formed within the deadline"
+        );
+        let (a, _) = form(Duration::from_millis(1500), Duration::from_millis(500));
+        let err = a.expect_err("past the deadline");
+        assert!(matches!(err, CommError::NoDialIn { .. }), "{err}");
     }
 
     #[test]

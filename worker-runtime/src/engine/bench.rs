@@ -68,6 +68,7 @@ fn tcp_tp_group(g: &Gguf, tp: usize, nanos: Arc<AtomicU64>) -> Result<Leader, Gr
         secret: rand::random::<[u8; 16]>().to_vec(),
         timeout: Duration::from_secs(30),
         on_fail: None,
+        connect_by: None,
     };
     let conns = std::thread::scope(|sc| {
         let hs: Vec<_> = listeners

@@ -66,8 +66,8 @@ pub struct MonitorConfig {
 pub use whaleflux_crds::worker::EXIT_GPU_FAULT;
 
 /// A fatal fault stops the rank: `/readyz` already answers 503 with the fault; the reason goes
-/// to the termination message and the log, and the process exits with [`EXIT_GPU_FAULT`] so
-/// the group is restarted away from the GPU.
+/// to the termination message, the log, the group's other ranks and every open request, and the
+/// process exits with [`EXIT_GPU_FAULT`] so the group is restarted away from the GPU.
 fn stop_rank(config: &MonitorConfig, fault: &str) -> ! {
     if config.termination_log.exists()
         && let Err(e) = std::fs::write(&config.termination_log, fault)
@@ -75,6 +75,11 @@ fn stop_rank(config: &MonitorConfig, fault: &str) -> ! {
         tracing::warn!(path = %config.termination_log.display(), "cannot write the termination message: {e}");
     }
     eprintln!("whaleflux-worker: {fault}; stopping this rank");
+    // The group's other ranks learn why (not only that a peer went away), and the requests
+    // open here end with an error naming the GPU instead of being cut off.
+    crate::comm::tcp::abort_all(fault);
+    crate::server::fail_in_flight(fault);
+    std::thread::sleep(crate::server::FAIL_FLUSH);
     std::process::exit(EXIT_GPU_FAULT)
 }
 

@@ -41,6 +41,52 @@ pub struct Loaded {
     pub context: usize,
 }
 
+/// Why this process is stopping with requests in flight (a fatal GPU fault, its group failing),
+/// once it knows: every open request ends with an error naming it rather than being cut off.
+static FAILING: std::sync::LazyLock<tokio::sync::watch::Sender<Option<String>>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(None).0);
+
+/// How long a stopping rank gives its open requests to receive their error.
+pub const FAIL_FLUSH: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Ends every request in flight (and any that arrives after) with an error saying `reason`:
+/// a streamed answer gets an error event and no `[DONE]`, a plain one a 503. The first reason
+/// is kept. Call before the process exits, then give the answers [`FAIL_FLUSH`] to go out.
+pub fn fail_in_flight(reason: &str) {
+    FAILING.send_if_modified(|r| {
+        if r.is_some() {
+            return false;
+        }
+        *r = Some(reason.to_string());
+        true
+    });
+}
+
+/// Resolves with the reason once [`fail_in_flight`] was called.
+async fn failing() -> String {
+    let mut rx = FAILING.subscribe();
+    let reason = rx
+        .wait_for(Option::is_some)
+        .await
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Ok(r) => r,
+        // The sender is a static: it is never dropped.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The error object a failing rank answers with.
+fn failed(reason: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!("this replica group stopped: {reason}"),
+        kind: "server_error",
+        param: None,
+        code: Some("replica_failed"),
+    }
+}
+
 /// Shared server state.
 pub struct AppState {
     /// Name clients must send as `model`.
@@ -272,7 +318,12 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, ApiError
         finish: "stop",
         completion_tokens: 0,
     };
-    while let Some(ev) = rx.recv().await {
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            reason = failing() => return Err(failed(&reason)),
+        };
+        let Some(ev) = ev else { break };
         match ev {
             Event::Token { text, logprob, top } => {
                 c.text.push_str(&text);
@@ -424,6 +475,11 @@ fn stream(
         finished: false,
         text_offset: 0,
     };
+    // An error event in the shape OpenAI's clients raise on; never followed by `[DONE]`.
+    let error_event = |e: ApiError| {
+        json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": e.code}})
+            .to_string()
+    };
     let s = futures_util::stream::unfold((init, chunk), move |(mut st, chunk)| async move {
         loop {
             if let Some(line) = st.out.pop_front() {
@@ -435,7 +491,15 @@ fn stream(
             if st.finished {
                 return None;
             }
-            match st.rx.recv().await {
+            let ev = tokio::select! {
+                ev = st.rx.recv() => ev,
+                reason = failing() => {
+                    st.out.push_back(error_event(failed(&reason)));
+                    st.finished = true;
+                    continue;
+                }
+            };
+            match ev {
                 Some(Event::Token { text, logprob, top }) => {
                     let toks: Vec<_> = logprob.into_iter().map(|l| (l, top.clone())).collect();
                     if text.is_empty() && (!want_logprobs || toks.is_empty()) {
@@ -484,7 +548,15 @@ fn stream(
                     st.out.push_back("[DONE]".to_string());
                     st.finished = true;
                 }
+                // The engine dropped the request unfinished: say so, not a clean end.
                 None => {
+                    st.out.push_back(error_event(ApiError {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        message: "the engine stopped before finishing the request".into(),
+                        kind: "server_error",
+                        param: None,
+                        code: None,
+                    }));
                     st.finished = true;
                 }
             }
