@@ -32,6 +32,8 @@
  *   gpu.N.ecc_corrected_volatile 0
  *   gpu.N.ecc_corrected_aggregate 0
  *   gpu.N.throttle_reasons 0             bitmask of nvmlClocksThrottleReason* values
+ *   gpu.N.pcie_replays 0                 nvmlDeviceGetPcieReplayCounter
+ *   gpu.N.retired_pages_pending 0        nvmlDeviceGetRetiredPagesPendingStatus
  *   gpu.N.nvlink_links 4                 links 0..n-1 exist (at most 18)
  *   gpu.N.nvlink.L.active 1
  *   gpu.N.nvlink.L.replay_errors 0       NVML_NVLINK_ERROR_DL_REPLAY
@@ -155,6 +157,8 @@ struct fake_gpu {
     unsigned long long ecc_corrected_volatile;
     unsigned long long ecc_corrected_aggregate;
     unsigned long long throttle_reasons;
+    unsigned int pcie_replays;
+    int retired_pages_pending;
     unsigned int nvlink_links;
     struct fake_link links[MAX_LINKS];
     int lost;
@@ -378,6 +382,10 @@ static int parse_gpu_key(struct fake_gpu *g, const char *field, const char *valu
         return parse_u64(value, &g->ecc_corrected_aggregate);
     if (strcmp(field, "throttle_reasons") == 0)
         return parse_u64(value, &g->throttle_reasons);
+    if (strcmp(field, "pcie_replays") == 0)
+        return parse_u32(value, &g->pcie_replays);
+    if (strcmp(field, "retired_pages_pending") == 0)
+        return parse_bool(value, &g->retired_pages_pending);
     if (strcmp(field, "nvlink_links") == 0) {
         unsigned int n;
 
@@ -881,6 +889,29 @@ EXPORT nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device,
         *eccCounts = counterType == 0 ? g->ecc_uncorrected_volatile : g->ecc_uncorrected_aggregate;
     else
         *eccCounts = counterType == 0 ? g->ecc_corrected_volatile : g->ecc_corrected_aggregate;
+    return device_end(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetPcieReplayCounter(nvmlDevice_t device, unsigned int *value)
+{
+    struct fake_gpu *g;
+    nvmlReturn_t r = device_begin(device, value, &g, NULL);
+
+    if (r != NVML_SUCCESS)
+        return r;
+    *value = g->pcie_replays;
+    return device_end(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device,
+                                                           nvmlEnableState_t *isPending)
+{
+    struct fake_gpu *g;
+    nvmlReturn_t r = device_begin(device, isPending, &g, NULL);
+
+    if (r != NVML_SUCCESS)
+        return r;
+    *isPending = g->retired_pages_pending ? 1 : 0;
     return device_end(NVML_SUCCESS);
 }
 

@@ -173,6 +173,10 @@ pub struct FakeGpu {
     /// `nvmlDeviceGetCurrentClocksThrottleReasons` / `...EventReasons`: a bitmask of NVML's
     /// `nvmlClocksThrottleReason*` values (e.g. `0x20` SW thermal, `0x40` HW thermal slowdown).
     pub throttle_reasons: u64,
+    /// `nvmlDeviceGetPcieReplayCounter`.
+    pub pcie_replays: u32,
+    /// `nvmlDeviceGetRetiredPagesPendingStatus`.
+    pub retired_pages_pending: bool,
     /// Links `0..nvlinks.len()` exist (at most [`MAX_NVLINKS`]); others answer
     /// `NVML_ERROR_INVALID_ARGUMENT`.
     pub nvlinks: Vec<FakeLink>,
@@ -201,6 +205,8 @@ impl FakeGpu {
             ecc_corrected_volatile: 0,
             ecc_corrected_aggregate: 0,
             throttle_reasons: 0,
+            pcie_replays: 0,
+            retired_pages_pending: false,
             nvlinks: vec![FakeLink::healthy(); 4],
             lost: false,
         }
@@ -278,6 +284,12 @@ impl FakeNode {
                 g.ecc_corrected_aggregate
             );
             let _ = writeln!(s, "{p}throttle_reasons {}", g.throttle_reasons);
+            let _ = writeln!(s, "{p}pcie_replays {}", g.pcie_replays);
+            let _ = writeln!(
+                s,
+                "{p}retired_pages_pending {}",
+                u8::from(g.retired_pages_pending)
+            );
             let _ = writeln!(s, "{p}nvlink_links {}", g.nvlinks.len());
             for (l, link) in g.nvlinks.iter().enumerate() {
                 let q = format!("{p}nvlink.{l}.");
@@ -374,6 +386,8 @@ gpu.0.ecc_uncorrected_aggregate 0
 gpu.0.ecc_corrected_volatile 0
 gpu.0.ecc_corrected_aggregate 0
 gpu.0.throttle_reasons 0
+gpu.0.pcie_replays 0
+gpu.0.retired_pages_pending 0
 gpu.0.nvlink_links 4
 gpu.0.nvlink.0.active 1
 gpu.0.nvlink.0.replay_errors 0

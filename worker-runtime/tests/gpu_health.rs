@@ -238,6 +238,8 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     node.gpus[0].temperature_c = node.gpus[0].slowdown_c + 1;
     node.gpus[0].throttle_reasons = 0x40;
     node.gpus[0].nvlinks[0].replay_errors = 7;
+    node.gpus[0].pcie_replays = 3;
+    node.gpus[0].retired_pages_pending = true;
     node.xids.push((0, 13));
     node.write(&state).expect("state written");
     let xid13 = series("whaleflux_gpu_xid_errors_total", &node, 0, ("xid", "13"));
@@ -254,6 +256,16 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         ("reason", "hw_thermal"),
     );
     assert_eq!(value(&m, &hot), Some(1.0), "{m}");
+    assert_eq!(
+        value(&m, &format!("whaleflux_gpu_pcie_replays_total{gpu0}")),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, &format!("whaleflux_gpu_retired_pages_pending{gpu0}")),
+        Some(1.0),
+        "{m}"
+    );
     assert_eq!(
         value(&m, &format!("whaleflux_gpu_healthy{gpu0}")),
         Some(1.0),

@@ -26,8 +26,8 @@ use crate::planner::{self, PlanRequest, Pool};
 use crate::resources::children::{self, Children, FIELD_MANAGER, MANAGED_BY, SECRET_KEY};
 use crate::status::condition;
 use crate::status::deployment::{
-    GroupFault, GroupState, Planned, condition_of, deployment_status, group_state, needs_plan,
-    plan_summary,
+    GroupFault, GroupState, Planned, Rollout, condition_of, deployment_status, group_state,
+    needs_plan, plan_summary, rollout,
 };
 pub use crate::status::deployment::{planned_at_generation, pool_change_matters};
 use crate::status::failover::{Action, GroupSpec};
@@ -311,17 +311,18 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
         let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
         let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
-        // One group at a time: a group whose pods run the current config but are not all
-        // ready yet is a replacement (or creation) in progress; wait for it.
-        let mut slot_free = !built.groups.iter().any(|g| {
-            existing
-                .get(&g.index)
-                .is_some_and(|(_, s)| s.hash == g.config_hash && !s.ready)
-        });
-        for g in &built.groups {
-            let state = existing.get(&g.index).map(|(_, s)| s.clone());
-            let write = match &state {
-                None => {
+        let states: BTreeMap<i32, GroupState> =
+            existing.iter().map(|(i, (_, s))| (*i, s.clone())).collect();
+        let hashes: Vec<(i32, &str)> = built
+            .groups
+            .iter()
+            .map(|g| (g.index, g.config_hash.as_str()))
+            .collect();
+        let steps = rollout(&hashes, &states);
+        for (g, step) in built.groups.iter().zip(steps) {
+            let state = states.get(&g.index).cloned();
+            match step {
+                Rollout::Create => {
                     publish(
                         ctx,
                         &d,
@@ -336,11 +337,8 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
                     )
                     .await;
                     created_now = true;
-                    true
                 }
-                Some(s) if s.hash == g.config_hash => true,
-                Some(_) if slot_free => {
-                    slot_free = false;
+                Rollout::Replace => {
                     publish(
                         ctx,
                         &d,
@@ -353,10 +351,10 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
                         ),
                     )
                     .await;
-                    true
                 }
-                Some(_) => false,
-            };
+                Rollout::Keep | Rollout::Wait => {}
+            }
+            let write = step != Rollout::Wait;
             if write {
                 // The group's config first: its pods read it when they start.
                 ssa(&cm_api, &g.config_map).await?;

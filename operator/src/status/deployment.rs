@@ -71,6 +71,44 @@ pub fn group_state(sts: &StatefulSet) -> Option<GroupState> {
     })
 }
 
+/// What to do with one replica group of a new (or unchanged) plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    /// It does not exist: create it.
+    Create,
+    /// It runs the current configuration: apply it again (a no-op unless it drifted).
+    Keep,
+    /// It runs an older configuration and it is its turn: replace it.
+    Replace,
+    /// It runs an older configuration and another group is being replaced: keep serving.
+    Wait,
+}
+
+/// The rollout of `groups` (number, config hash of the plan) over the `existing` groups: one
+/// group at a time, so the deployment keeps serving while a new plan rolls out. A group that
+/// runs the current configuration but is not ready yet is a creation or replacement in
+/// progress: no other group is replaced until it is ready.
+pub fn rollout(
+    groups: &[(i32, &str)],
+    existing: &std::collections::BTreeMap<i32, GroupState>,
+) -> Vec<Rollout> {
+    let mut slot_free = !groups
+        .iter()
+        .any(|(i, hash)| existing.get(i).is_some_and(|s| s.hash == *hash && !s.ready));
+    groups
+        .iter()
+        .map(|(i, hash)| match existing.get(i) {
+            None => Rollout::Create,
+            Some(s) if s.hash == *hash => Rollout::Keep,
+            Some(_) if slot_free => {
+                slot_free = false;
+                Rollout::Replace
+            }
+            Some(_) => Rollout::Wait,
+        })
+        .collect()
+}
+
 /// Whether the plan must be (re)computed: no plan yet, the spec changed since it was planned,
 /// the last attempt failed, or a node it uses left the pool or became unusable.
 pub fn needs_plan(d: &LlmDeployment, pool: &GpuPool, now: Timestamp) -> bool {

@@ -429,3 +429,38 @@ fn failover_faults_show_in_the_conditions() {
     assert_eq!(cond(&s, "Progressing"), ("True", "RecreatingGroup"));
     assert_eq!(cond(&s, "Degraded").1, "AsPlanned");
 }
+
+/// One group at a time: missing groups are created, current ones kept, one outdated group
+/// replaced while the others wait; while a group of the current configuration is not ready
+/// (a replacement in progress), nothing else is replaced.
+#[test]
+fn rollout_replaces_one_group_at_a_time() {
+    let state = |hash: &str, ready: bool| GroupState {
+        index: 0,
+        hash: hash.into(),
+        ready,
+        fault: None,
+    };
+    let want = [(0, "new"), (1, "new"), (2, "new"), (3, "new")];
+    let existing = std::collections::BTreeMap::from([
+        (0, state("new", true)),
+        (1, state("old", true)),
+        (2, state("old", true)),
+    ]);
+    assert_eq!(
+        rollout(&want, &existing),
+        [
+            Rollout::Keep,
+            Rollout::Replace,
+            Rollout::Wait,
+            Rollout::Create
+        ]
+    );
+    let mut busy = existing.clone();
+    busy.insert(0, state("new", false));
+    assert_eq!(
+        rollout(&want, &busy),
+        [Rollout::Keep, Rollout::Wait, Rollout::Wait, Rollout::Create]
+    );
+    assert!(rollout(&[], &existing).is_empty());
+}

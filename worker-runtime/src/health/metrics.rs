@@ -31,6 +31,8 @@ pub struct GpuMetrics {
     xid_errors: Family<Labels, Counter>,
     ecc_uncorrected: Family<Labels, Counter>,
     nvlink_errors: Family<Labels, Counter>,
+    pcie_replays: Family<Labels, Counter>,
+    retired_pages_pending: Family<Labels, Gauge>,
     throttled: Family<Labels, Gauge>,
     healthy: Family<Labels, Gauge>,
     fatal: Family<Labels, Gauge>,
@@ -95,6 +97,16 @@ impl GpuMetrics {
             self.nvlink_errors.clone(),
         );
         registry.register(
+            "pcie_replays",
+            "PCIe link replays (DCGM_FI_DEV_PCIE_REPLAY_COUNTER)",
+            self.pcie_replays.clone(),
+        );
+        registry.register(
+            "retired_pages_pending",
+            "1 while memory pages wait to be retired at the next GPU reset (DCGM_FI_DEV_RETIRED_PENDING)",
+            self.retired_pages_pending.clone(),
+        );
+        registry.register(
             "throttled",
             "1 while a hardware or power reason slows the clocks (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS)",
             self.throttled.clone(),
@@ -155,6 +167,16 @@ impl GpuMetrics {
                 .get_or_create(&id)
                 .inc_by(n.saturating_sub(was));
         }
+        if let Some(n) = s.pcie_replays {
+            let was = before.and_then(|b| b.pcie_replays).unwrap_or(0);
+            self.pcie_replays
+                .get_or_create(&id)
+                .inc_by(n.saturating_sub(was));
+        }
+        set(
+            &self.retired_pages_pending,
+            s.retired_pages_pending.map(u64::from),
+        );
         for link in &s.links {
             let was = before
                 .and_then(|b| b.links.iter().find(|l| l.link == link.link))

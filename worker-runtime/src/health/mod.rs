@@ -40,6 +40,11 @@ pub struct GpuSample {
     pub ecc_uncorrected: Option<u64>,
     /// NVML's clocks-throttle-reasons bitmask.
     pub throttle_reasons: Option<u64>,
+    /// PCIe link replays since the driver loaded (a link retransmitting: a bad riser or
+    /// slot).
+    pub pcie_replays: Option<u64>,
+    /// Memory pages wait to be retired at the next reset (ECC errors were seen).
+    pub retired_pages_pending: Option<bool>,
     pub links: Vec<LinkSample>,
 }
 

@@ -89,6 +89,8 @@ fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
         ok(device.utilization_rates().map(|u| u64::from(u.gpu))).map(|pct| pct as f64 / 100.0);
     s.ecc_uncorrected = ok(device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
     s.throttle_reasons = ok(device.current_throttle_reasons().map(|r| r.bits()));
+    s.pcie_replays = ok(device.pcie_replay_counter().map(u64::from));
+    s.retired_pages_pending = ok(device.are_pages_pending_retired().map(u64::from)).map(|v| v != 0);
     for link in 0..MAX_LINKS {
         let l = device.link_wrapper_for(link);
         let Ok(active) = l.is_active() else { break };

@@ -1,7 +1,7 @@
 //! The verdict table: one GPU sample (and the one before it) in, healthy / degrading / fatal
 //! out. Pure, so every row is a table test. The rows follow DCGM's health watches (memory:
-//! uncorrectable ECC is a failure; thermal and power: slowdown is a warning; NVLink: rising
-//! error counters are a warning) and NVML's own answers (`GPU_IS_LOST`: the GPU fell off the
+//! uncorrectable ECC is a failure, pages pending retirement a warning; thermal and power:
+//! slowdown is a warning; NVLink and PCIe: rising error / replay counters are a warning) and NVML's own answers (`GPU_IS_LOST`: the GPU fell off the
 //! bus, XID 79 in NVIDIA's XID catalogue); XIDs have their own table, [`classify_xid`].
 
 use super::GpuSample;
@@ -81,7 +81,17 @@ pub fn verdict(now: &GpuSample, before: Option<&GpuSample>) -> Verdict {
             .filter(|(bit, name)| bits & bit != 0 && *name != "sw_power_cap")
             .map(|(_, name)| *name),
     );
+    // DCGM's memory and PCIe watches: pages pending retirement need a reset; a PCIe link
+    // that keeps replaying is failing.
+    if now.retired_pages_pending == Some(true) {
+        why.push("retired_pages_pending");
+    }
     if let Some(before) = before {
+        if let (Some(n), Some(was)) = (now.pcie_replays, before.pcie_replays)
+            && n > was
+        {
+            why.push("pcie_replays_rising");
+        }
         for link in &now.links {
             let was = before.links.iter().find(|l| l.link == link.link);
             if was.is_some_and(|w| w.active && !link.active) {
@@ -115,6 +125,8 @@ mod tests {
             shutdown_c: Some(92),
             ecc_uncorrected: Some(0),
             throttle_reasons: Some(0),
+            pcie_replays: Some(0),
+            retired_pages_pending: Some(false),
             links: vec![LinkSample {
                 link: 0,
                 active: true,
@@ -187,6 +199,16 @@ mod tests {
                 "link went down",
                 with(|s| s.links[0].active = false),
                 Verdict::Degrading(vec!["nvlink_down"]),
+            ),
+            (
+                "pages pending retirement",
+                with(|s| s.retired_pages_pending = Some(true)),
+                Verdict::Degrading(vec!["retired_pages_pending"]),
+            ),
+            (
+                "PCIe replays rising",
+                with(|s| s.pcie_replays = Some(9)),
+                Verdict::Degrading(vec!["pcie_replays_rising"]),
             ),
             (
                 "no thresholds known",
