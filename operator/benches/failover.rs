@@ -16,12 +16,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, rtx_nodes};
+use cluster::{Cluster, nvml_state, rtx_nodes, with_fake_nvml};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use serde_json::json;
 use whaleflux_crds::LlmDeployment;
-use whaleflux_e2e::fake_nvml::{self, FakeNode};
+use whaleflux_e2e::fake_nvml::FakeNode;
 
 fn manifest(c: &Cluster, tp: i32, pp: i32) -> String {
     c.smollm2_manifest().replace(
@@ -100,17 +100,8 @@ fn in_flight(addr: SocketAddr) -> std::thread::JoinHandle<Instant> {
 async fn main() {
     let tmp = std::env::temp_dir().join(format!("wf-failover-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
-    let lib = fake_nvml::build(&tmp).expect("the fake NVML builds");
-    let state = |n: &str| tmp.join(format!("{n}.nvml"));
-    let nodes: Vec<_> = rtx_nodes(2, 4)
-        .into_iter()
-        .map(|n| {
-            FakeNode::h100s(1).write(&state(&n.name)).expect("state");
-            let path = state(&n.name).display().to_string();
-            n.env("WHALEFLUX_NVML_LIBRARY", &lib.display().to_string())
-                .env(fake_nvml::STATE_ENV, &path)
-        })
-        .collect();
+    let nodes = with_fake_nvml(&tmp, rtx_nodes(2, 4));
+    let state = |n: &str| nvml_state(&tmp, n);
     let mut results = Vec::new();
     for (fault, tp, pp) in [("killed_rank", 1, 2), ("xid_79", 1, 1)] {
         let c = Cluster::start(nodes.clone(), true).await;

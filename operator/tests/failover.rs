@@ -15,12 +15,12 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cluster::{Cluster, OPERATOR_USER, bounded, rtx_nodes};
+use cluster::{Cluster, OPERATOR_USER, bounded, nvml_state, rtx_nodes, with_fake_nvml};
 use common::complete;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Api, Client, ResourceExt};
 use whaleflux_crds::{GpuPool, LlmDeployment, LlmDeploymentStatus};
-use whaleflux_e2e::fake_nvml::{self, FakeNode};
+use whaleflux_e2e::fake_nvml::FakeNode;
 
 const PROMPT: &str = "The capital of France is";
 const WAIT: Duration = Duration::from_secs(180);
@@ -255,19 +255,8 @@ async fn a_killed_rank_recreates_its_group_until_the_budget_is_spent() {
 async fn an_xid_79_quarantines_the_node_and_the_group_moves() {
     let tmp = std::env::temp_dir().join(format!("wf-failover-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
-    let lib = fake_nvml::build(&tmp).expect("the fake NVML builds");
-    let state = |n: &str| tmp.join(format!("{n}.nvml"));
-    let nodes: Vec<_> = rtx_nodes(2, 4)
-        .into_iter()
-        .map(|n| {
-            FakeNode::h100s(1)
-                .write(&state(&n.name))
-                .expect("fake NVML state");
-            let path = state(&n.name).display().to_string();
-            n.env("WHALEFLUX_NVML_LIBRARY", &lib.display().to_string())
-                .env(fake_nvml::STATE_ENV, &path)
-        })
-        .collect();
+    let nodes = with_fake_nvml(&tmp, rtx_nodes(2, 4));
+    let state = |n: &str| nvml_state(&tmp, n);
     let c = Cluster::start(nodes, true).await;
     let op = c.operator("op-failover-b", 6);
     let body = async {

@@ -304,7 +304,7 @@ pub(super) fn spawn(
             env.push((k.clone(), v.clone()));
         }
     }
-    let log_path = dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c")));
+    let log_path = container_log(&dir, c);
     if !env.iter().any(|(k, _)| k == "KUBECONFIG")
         && let Some(path) = service_account_kubeconfig(st, pod, &dir).map_err(io)?
     {
@@ -346,6 +346,11 @@ pub(super) fn termination_message_path(c: &Value) -> &str {
 /// Kubernetes' default `terminationMessagePath`.
 const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
+/// A container's combined stdout and stderr.
+pub(super) fn container_log(dir: &Path, c: &Value) -> PathBuf {
+    dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c")))
+}
+
 /// The file standing for a container's termination message path.
 pub(super) fn termination_log(dir: &Path, c: &Value) -> PathBuf {
     dir.join(format!(
@@ -366,8 +371,7 @@ pub(super) fn termination_message(dir: &Path, c: &Value, code: i32) -> String {
     if code == 0 || c["terminationMessagePolicy"] != json!("FallbackToLogsOnError") {
         return String::new();
     }
-    let log = std::fs::read(dir.join(format!("{}.log", c["name"].as_str().unwrap_or("c"))))
-        .unwrap_or_default();
+    let log = std::fs::read(container_log(dir, c)).unwrap_or_default();
     let text = String::from_utf8_lossy(&log[log.len().saturating_sub(2048)..]).into_owned();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(80)..].join("\n")

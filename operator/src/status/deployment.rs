@@ -352,11 +352,8 @@ pub fn deployment_status(
         ready_replicas: ready,
         selector: Some(children::worker_selector_string(&d.name_any())),
         endpoint: children::endpoint(d),
-        restarts: d
-            .status
-            .as_ref()
-            .map(|s| s.restarts.clone())
-            .unwrap_or_default(),
+        // Failover's decision (the controller's) fills it.
+        restarts: Vec::new(),
     }
 }
 

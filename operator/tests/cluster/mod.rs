@@ -15,6 +15,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Resource, ResourceExt};
+use whaleflux_e2e::fake_nvml::{self, FakeNode};
 pub use whaleflux_e2e::http_get;
 use whaleflux_e2e::{ApiServer, Kubelet, KubeletConfig, NodeSpec};
 
@@ -39,8 +40,8 @@ pub async fn bounded(limit: Duration, test: impl Future<Output = ()>) {
         .expect("test timed out");
 }
 
-/// Polls `check` until it is true or `limit` passes.
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+/// Polls `check` every 200 ms until it is true (true) or `limit` passes (false).
+async fn poll<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -48,11 +49,22 @@ where
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         if check().await {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("timed out after {limit:?} waiting for {what}");
+    false
+}
+
+/// Polls `check` until it is true or `limit` passes.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !poll(limit, check).await {
+        panic!("timed out after {limit:?} waiting for {what}");
+    }
 }
 
 /// API server, kubelet, and kubeconfigs for kubectl (admin) and the operator (its service
@@ -77,6 +89,27 @@ pub fn rtx_nodes(n: usize, gpus: u32) -> Vec<NodeSpec> {
             .label("whaleflux.io/pool", "rtx4090")
         })
         .collect()
+}
+
+/// Each of `nodes` with its own fake NVML (one healthy H100), built into `dir`: the library
+/// and a state file per node at [`nvml_state`], given to the node's containers as its runtime
+/// would.
+pub fn with_fake_nvml(dir: &Path, nodes: Vec<NodeSpec>) -> Vec<NodeSpec> {
+    let lib = fake_nvml::build(dir).expect("the fake NVML builds");
+    nodes
+        .into_iter()
+        .map(|n| {
+            let state = nvml_state(dir, &n.name);
+            FakeNode::h100s(1).write(&state).expect("fake NVML state");
+            n.env("WHALEFLUX_NVML_LIBRARY", &lib.display().to_string())
+                .env(fake_nvml::STATE_ENV, &state.display().to_string())
+        })
+        .collect()
+}
+
+/// Where [`with_fake_nvml`] keeps `node`'s fake NVML state (a test writes faults there).
+pub fn nvml_state(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.nvml"))
 }
 
 impl Cluster {
@@ -360,17 +393,13 @@ impl Cluster {
         op: &Operator,
         what: &str,
         limit: Duration,
-        mut check: F,
+        check: F,
     ) where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            if check().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if poll(limit, check).await {
+            return;
         }
         panic!(
             "timed out after {limit:?} waiting for {what}\n{}",
