@@ -31,6 +31,22 @@ pub struct KActs {
 /// Quantize `x` (rows of `cols`, a multiple of 256) as ggml's `quantize_row_q8_K_ref`: the
 /// value of largest magnitude maps to -127, rounding to nearest even.
 pub fn quantize_acts_k(x: &[f32], cols: usize) -> KActs {
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2() {
+        // SAFETY: AVX2 was detected at run time (the same code, with SIMD rounding).
+        return unsafe { quantize_acts_k_avx2(x, cols) };
+    }
+    quantize_acts_k_in(x, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_acts_k_avx2(x: &[f32], cols: usize) -> KActs {
+    quantize_acts_k_in(x, cols)
+}
+
+#[inline(always)]
+fn quantize_acts_k_in(x: &[f32], cols: usize) -> KActs {
     let blocks_total = x.len() / QK_K;
     let mut qs = vec![0i8; x.len()];
     let mut d = vec![0f32; blocks_total];
@@ -353,23 +369,42 @@ fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// Dot product of one K-quant weight row with activation row `t` of `a`.
-pub fn dot_row(ty: GgmlType, w: &[u8], a: &KActs, t: usize) -> f32 {
-    dot_row_in(super::kernels::flavour(), ty, w, a, t)
+/// Most tokens one call of [`dot_tokens`] takes.
+pub const MAX_TOKENS: usize = 4;
+
+/// One K-quant weight row against activation rows `t0..t0 + out.len()` (at most
+/// [`MAX_TOKENS`]): each super-block is unpacked once for all of them (prefill).
+pub fn dot_tokens(ty: GgmlType, w: &[u8], a: &KActs, t0: usize, out: &mut [f32]) {
+    dot_tokens_in(super::kernels::flavour(), ty, w, a, t0, out)
 }
 
-pub(crate) fn dot_row_in(fl: Flavour, ty: GgmlType, w: &[u8], a: &KActs, t: usize) -> f32 {
+fn dot_tokens_in(fl: Flavour, ty: GgmlType, w: &[u8], a: &KActs, t0: usize, out: &mut [f32]) {
     let nb = a.blocks;
-    let qs = &a.qs[t * nb * QK_K..(t + 1) * nb * QK_K];
-    let d = &a.d[t * nb..(t + 1) * nb];
-    let bsums = &a.bsums[t * nb * 16..(t + 1) * nb * 16];
+    let n = out.len();
+    assert!(
+        (1..=MAX_TOKENS).contains(&n),
+        "1 to {MAX_TOKENS} tokens per call"
+    );
+    let qs = &a.qs[t0 * nb * QK_K..(t0 + n) * nb * QK_K];
+    let d = &a.d[t0 * nb..(t0 + n) * nb];
+    let bsums = &a.bsums[t0 * nb * 16..(t0 + n) * nb * 16];
     #[cfg(target_arch = "x86_64")]
     if fl != Flavour::Portable {
         // SAFETY: the flavour is supported (callers check), so AVX2, FMA and F16C are present.
-        return unsafe { avx2::dot(ty, w, qs, d, bsums, nb) };
+        unsafe { avx2::dot(ty, w, qs, d, bsums, nb, out) };
+        return;
     }
     let _ = fl;
-    scalar_dot(ty, w, qs, d, bsums, nb)
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scalar_dot(
+            ty,
+            w,
+            &qs[j * nb * QK_K..(j + 1) * nb * QK_K],
+            &d[j * nb..(j + 1) * nb],
+            &bsums[j * nb * 16..(j + 1) * nb * 16],
+            nb,
+        );
+    }
 }
 
 /// Portable kernel; also the definition the SIMD kernels must match:
@@ -421,19 +456,27 @@ mod avx2 {
     /// unsigned values (< 64), so `maddubs` cannot saturate (2 * 63 * 127 < 2^15).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted(u: &[__m256i; 8], a: *const i8, scale: &[i16; 16]) -> __m256i {
+    unsafe fn weighted(u: &[__m256i; 8], a: *const i8, scale: &[__m256i; 8]) -> __m256i {
         let mut sum = _mm256_setzero_si256();
-        for (k, uk) in u.iter().enumerate() {
+        for k in 0..8 {
             // SAFETY: the caller passes 256 readable activations.
             let ak = unsafe { _mm256_loadu_si256(a.add(32 * k) as *const __m256i) };
-            let p = _mm256_maddubs_epi16(*uk, ak);
-            let s = _mm256_set_m128i(
-                _mm_set1_epi16(scale[2 * k + 1]),
-                _mm_set1_epi16(scale[2 * k]),
-            );
-            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
+            let p = _mm256_maddubs_epi16(u[k], ak);
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, scale[k]));
         }
         sum
+    }
+
+    /// The scales of groups `2k` and `2k + 1` as the 16-bit lanes `weighted` multiplies by.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scale_lanes(scale: &[i16; 16]) -> [__m256i; 8] {
+        std::array::from_fn(|k| {
+            _mm256_set_m128i(
+                _mm_set1_epi16(scale[2 * k + 1]),
+                _mm_set1_epi16(scale[2 * k]),
+            )
+        })
     }
 
     /// Broadcast bit `shift` of every byte of `v` to the value `1 << to` (0 when clear).
@@ -445,9 +488,10 @@ mod avx2 {
         _mm256_sll_epi16(m, _mm_cvtsi32_si128(to))
     }
 
-    /// One K-quant row against one activation row: the values are unpacked to unsigned bytes
-    /// (Q3_K and Q6_K offset by +4 and +32, taken back through the 16-value sums), multiplied
-    /// with `maddubs`, weighted by the group scales with `madd`, and the mins subtracted.
+    /// One K-quant row against `out.len()` activation rows (`qs`, `d`, `bsums` hold them one
+    /// after another): the values are unpacked once per super-block to unsigned bytes (Q3_K
+    /// and Q6_K offset by +4 and +32, taken back through the 16-value sums), multiplied with
+    /// `maddubs`, weighted by the group scales with `madd`, and the mins subtracted.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(
         ty: GgmlType,
@@ -456,16 +500,17 @@ mod avx2 {
         d: &[f32],
         bsums: &[i16],
         nb: usize,
-    ) -> f32 {
+        out: &mut [f32],
+    ) {
         let bb = ty.block_bytes() as usize;
-        assert!(w.len() >= nb * bb && qs.len() >= nb * QK_K);
-        assert!(d.len() >= nb && bsums.len() >= nb * 16);
-        let mut acc = 0f32;
+        let n = out.len();
+        assert!(w.len() >= nb * bb && qs.len() >= n * nb * QK_K);
+        assert!(d.len() >= n * nb && bsums.len() >= n * nb * 16);
+        let mut acc = [0f32; super::MAX_TOKENS];
         let lo4 = _mm256_set1_epi8(0x0F);
         let zero = _mm256_setzero_si256();
         for b in 0..nb {
             let blk = &w[b * bb..(b + 1) * bb];
-            let bs = &bsums[b * 16..(b + 1) * 16];
             let mut u = [zero; 8];
             let mut scale = [0i16; 16];
             let mut min = [0i16; 16];
@@ -552,17 +597,33 @@ mod avx2 {
                 }
                 _ => unreachable!("the K-quant kernel is only called for K-quants"),
             }
-            // SAFETY: 256 activations of block `b` are in bounds (asserted above).
-            let v = unsafe { weighted(&u, qs.as_ptr().add(b * QK_K), &scale) };
-            let (mut corr, mut summ) = (0i32, 0i32);
-            for g in 0..16 {
-                corr += i32::from(scale[g]) * i32::from(bs[g]);
-                summ += i32::from(min[g]) * i32::from(bs[g]);
+            let lanes = scale_lanes(&scale);
+            // SAFETY: reads 16 i16 from each 16-value array.
+            let (scale_v, min_v) = unsafe {
+                (
+                    _mm256_loadu_si256(scale.as_ptr() as *const __m256i),
+                    _mm256_loadu_si256(min.as_ptr() as *const __m256i),
+                )
+            };
+            let off_v = _mm256_set1_epi32(offset);
+            for (j, acc) in acc.iter_mut().enumerate().take(n) {
+                let at = j * nb + b;
+                // SAFETY: 256 activations and 16 sums of block `b` of token `j` are in bounds
+                // (asserted above).
+                let (v, bs) = unsafe {
+                    (
+                        weighted(&u, qs.as_ptr().add(at * QK_K), &lanes),
+                        _mm256_loadu_si256(bsums.as_ptr().add(at * 16) as *const __m256i),
+                    )
+                };
+                // The offset and the mins, weighted by the 16-value sums, in 32-bit lanes.
+                let corr = _mm256_mullo_epi32(_mm256_madd_epi16(scale_v, bs), off_v);
+                let sumi = hsum_i32(_mm256_sub_epi32(v, corr));
+                let summ = hsum_i32(_mm256_madd_epi16(min_v, bs));
+                *acc += d[at] * (dw * sumi as f32 - dmin * summ as f32);
             }
-            let sumi = hsum_i32(v) - offset * corr;
-            acc += d[b] * (dw * sumi as f32 - dmin * summ as f32);
         }
-        acc
+        out.copy_from_slice(&acc[..n]);
     }
 }
 
@@ -615,6 +676,12 @@ mod tests {
             }
         }
         out
+    }
+
+    fn dot_row_in(fl: Flavour, ty: GgmlType, w: &[u8], a: &KActs, t: usize) -> f32 {
+        let mut out = [0f32];
+        dot_tokens_in(fl, ty, w, a, t, &mut out);
+        out[0]
     }
 
     #[test]
@@ -673,8 +740,11 @@ mod tests {
                     let w = random_blocks(ty, nb, 11 + seed);
                     let mut deq = vec![0f32; cols];
                     dequantize_row(ty, &w, &mut deq);
+                    let mut both = [0f32; 2];
+                    dot_tokens_in(fl, ty, &w, &a, 0, &mut both);
                     for t in 0..2 {
                         let got = dot_row_in(fl, ty, &w, &a, t);
+                        assert_eq!(got, both[t], "{} {ty:?}: one token vs two", fl.name());
                         let def = scalar_dot(
                             ty,
                             &w,

@@ -9,7 +9,7 @@ mod ops;
 mod pool;
 
 pub use kernels::{
-    Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4x2, flavour, has_avx2, quantize_acts,
+    Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4xt, flavour, has_avx2, quantize_acts,
 };
 pub use kquants::{KActs, QK_K, quantize_acts_k};
 pub use ops::{
@@ -272,10 +272,15 @@ impl Backend for CpuBackend {
             let q = match acts {
                 Some(Acts::Q8(q)) => Some(q),
                 Some(Acts::K(k)) => {
-                    // Each weight row is dotted with every token's row while it is in cache.
+                    // Each weight row is unpacked once per group of tokens, while in cache.
+                    let mut vals = [0f32; kquants::MAX_TOKENS];
                     for r in r0..r1 {
-                        for t in 0..n {
-                            put(t, r, kquants::dot_row(w.ty, w.row(r), k, t));
+                        for t0 in (0..n).step_by(kquants::MAX_TOKENS) {
+                            let out = &mut vals[..kquants::MAX_TOKENS.min(n - t0)];
+                            kquants::dot_tokens(w.ty, w.row(r), k, t0, out);
+                            for (j, v) in out.iter().enumerate() {
+                                put(t0 + j, r, *v);
+                            }
                         }
                     }
                     return;
@@ -306,13 +311,19 @@ impl Backend for CpuBackend {
             while r < quad {
                 let rows4 = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
                 let mut t = 0;
-                while pair_tokens && t + 2 <= n {
-                    let v = dot_rows4x2(w.ty, rows4, q, t);
+                let put_tokens = |t: usize, v: &[[f32; 4]]| {
                     for (dt, vt) in v.iter().enumerate() {
                         for (i, val) in vt.iter().enumerate() {
                             put(t + dt, r + i, *val);
                         }
                     }
+                };
+                while pair_tokens && t + 4 <= n {
+                    put_tokens(t, &dot_rows4xt::<4>(w.ty, rows4, q, t));
+                    t += 4;
+                }
+                while pair_tokens && t + 2 <= n {
+                    put_tokens(t, &dot_rows4xt::<2>(w.ty, rows4, q, t));
                     t += 2;
                 }
                 while t < n {

@@ -203,61 +203,61 @@ macro_rules! q32_kernels {
             ]
         }
 
-        /// `R` rows of format `F` against two activation rows (`qs`, `d`, `s`, `sum` hold
-        /// both rows): prefill unpacks each weight block once for two tokens.
+        /// `R` rows of format `F` against `T` activation rows (`qs`, `d`, `s` hold them one
+        /// after another): prefill unpacks each weight block once for `T` tokens.
         #[target_feature(enable = $feat)]
-        pub(in super::super) unsafe fn dot_rx2_q32<const F: u8, const R: usize>(
+        pub(in super::super) unsafe fn dot_rxt_q32<const F: u8, const R: usize, const T: usize>(
             w: [&[u8]; R],
             qs: &[i8],
             d: &[f32],
             s: &[f32],
             nb: usize,
-        ) -> [[f32; R]; 2] {
+        ) -> [[f32; R]; T] {
             let bb = q32::block_bytes(F);
             assert!(w.iter().all(|r| r.len() >= nb * bb));
-            assert!(qs.len() >= 2 * nb * 32 && d.len() >= 2 * nb && s.len() >= 2 * nb);
-            let mut acc0 = [_mm256_setzero_ps(); R];
-            let mut acc1 = [_mm256_setzero_ps(); R];
-            let mut off = [[0f32; R]; 2];
+            assert!(qs.len() >= T * nb * 32 && d.len() >= T * nb && s.len() >= T * nb);
+            let mut acc = [[_mm256_setzero_ps(); R]; T];
+            let mut off = [[0f32; R]; T];
             let ones = _mm256_set1_epi16(1);
             for b in 0..nb {
                 // SAFETY: bounds asserted above.
                 unsafe {
-                    let a0 = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
-                    let a1 = _mm256_loadu_si256(qs.as_ptr().add((nb + b) * 32) as *const __m256i);
-                    let (d0, d1) = (*d.get_unchecked(b), *d.get_unchecked(nb + b));
-                    let (s0, s1) = (*s.get_unchecked(b), *s.get_unchecked(nb + b));
+                    let mut a = [_mm256_setzero_si256(); T];
+                    for (t, at) in a.iter_mut().enumerate() {
+                        *at = _mm256_loadu_si256(
+                            qs.as_ptr().add((t * nb + b) * 32) as *const __m256i
+                        );
+                    }
                     for r in 0..R {
                         let blk = w[r].as_ptr().add(b * bb);
                         let wv = unpack::<F>(blk);
-                        let p0 = pair_sums!(F, wv, a0, $mul, ones);
-                        let p1 = pair_sums!(F, wv, a1, $mul, ones);
                         let dw = h(blk, 0);
-                        acc0[r] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * d0),
-                            _mm256_cvtepi32_ps(p0),
-                            acc0[r],
-                        );
-                        acc1[r] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * d1),
-                            _mm256_cvtepi32_ps(p1),
-                            acc1[r],
-                        );
+                        for t in 0..T {
+                            let p = pair_sums!(F, wv, a[t], $mul, ones);
+                            acc[t][r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dw * *d.get_unchecked(t * nb + b)),
+                                _mm256_cvtepi32_ps(p),
+                                acc[t][r],
+                            );
+                        }
                         if q32::has_min(F) {
                             let m = h(blk, 2);
-                            off[0][r] += m * s0;
-                            off[1][r] += m * s1;
+                            for t in 0..T {
+                                off[t][r] += m * *s.get_unchecked(t * nb + b);
+                            }
                         }
                     }
                 }
             }
-            let mut out = [[0f32; R]; 2];
-            for r in 0..R {
-                out[0][r] = hsum(acc0[r]) + off[0][r];
-                out[1][r] = hsum(acc1[r]) + off[1][r];
+            let mut out = [[0f32; R]; T];
+            for t in 0..T {
+                for r in 0..R {
+                    out[t][r] = hsum(acc[t][r]) + off[t][r];
+                }
             }
             out
         }
+
         /// Four Q8_0 rows against one activation row.
         #[target_feature(enable = $feat)]
         pub(in super::super) unsafe fn dot4_q8_0(

@@ -308,41 +308,40 @@ fn dot_rows4_in(fl: Flavour, ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usiz
 }
 
 /// Four weight rows of a 32-value format with a nibble layout (Q4_0, Q4_1, Q5_0, Q5_1) against
-/// activation rows `t` and `t + 1` (prefill: each weight block is unpacked once for two
-/// tokens). Returns `[token][row]`.
-pub fn dot_rows4x2(ty: GgmlType, w: [&[u8]; 4], q: &QuantActs, t: usize) -> [[f32; 4]; 2] {
-    dot_rows4x2_in(flavour(), ty, w, q, t)
+/// activation rows `t..t + T` (prefill: each weight block is unpacked once for `T` tokens).
+/// Returns `[token][row]`.
+pub fn dot_rows4xt<const T: usize>(
+    ty: GgmlType,
+    w: [&[u8]; 4],
+    q: &QuantActs,
+    t: usize,
+) -> [[f32; 4]; T] {
+    dot_rows4xt_in::<T>(flavour(), ty, w, q, t)
 }
 
-fn dot_rows4x2_in(
+fn dot_rows4xt_in<const T: usize>(
     fl: Flavour,
     ty: GgmlType,
     w: [&[u8]; 4],
     q: &QuantActs,
     t: usize,
-) -> [[f32; 4]; 2] {
+) -> [[f32; 4]; T] {
     let nb = q.blocks;
     #[cfg(target_arch = "x86_64")]
     if let (true, Some(f)) = (fl.simd(), q32::of(ty)) {
-        let qs = &q.qs[t * nb * 32..(t + 2) * nb * 32];
-        let d = &q.d[t * nb..(t + 2) * nb];
-        let s = &q.s[t * nb..(t + 2) * nb];
+        let qs = &q.qs[t * nb * 32..(t + T) * nb * 32];
+        let d = &q.d[t * nb..(t + T) * nb];
+        let s = &q.s[t * nb..(t + T) * nb];
         // SAFETY: AVX2 and FMA were detected; the kernel asserts the slice lengths.
         let (lo, hi) = unsafe {
             (
-                by_format!(fl, f, dot_rx2_q32::<2>([w[0], w[1]], qs, d, s, nb)),
-                by_format!(fl, f, dot_rx2_q32::<2>([w[2], w[3]], qs, d, s, nb)),
+                by_format!(fl, f, dot_rxt_q32::<2, T>([w[0], w[1]], qs, d, s, nb)),
+                by_format!(fl, f, dot_rxt_q32::<2, T>([w[2], w[3]], qs, d, s, nb)),
             )
         };
-        return [
-            [lo[0][0], lo[0][1], hi[0][0], hi[0][1]],
-            [lo[1][0], lo[1][1], hi[1][0], hi[1][1]],
-        ];
+        return std::array::from_fn(|j| [lo[j][0], lo[j][1], hi[j][0], hi[j][1]]);
     }
-    [
-        dot_rows4_in(fl, ty, w, q, t),
-        dot_rows4_in(fl, ty, w, q, t + 1),
-    ]
+    std::array::from_fn(|j| dot_rows4_in(fl, ty, w, q, t + j))
 }
 
 /// Portable kernel; also the definition the SIMD kernels must match: integer dot products of
@@ -410,7 +409,7 @@ mod tests {
     #[test]
     fn every_supported_flavour_matches_the_f32_reference() {
         let cols = 320;
-        let x = data(2 * cols, 1);
+        let x = data(4 * cols, 1);
         let mut ran = Vec::new();
         for fl in Flavour::ALL.into_iter().filter(|f| f.supported()) {
             let q = quantize_acts_in(fl, &x, cols);
@@ -452,7 +451,8 @@ mod tests {
                 let near = |a: f32, b: f32| (a - b).abs() <= 0.02 * (1.0 + b.abs()) + 0.05;
                 let one: Vec<f32> = (0..4).map(|r| dot_row_in(fl, ty, w[r], &q, 1)).collect();
                 let four = dot_rows4_in(fl, ty, w, &q, 1);
-                let pair = dot_rows4x2_in(fl, ty, w, &q, 0);
+                let pair = dot_rows4xt_in::<2>(fl, ty, w, &q, 0);
+                let quad = dot_rows4xt_in::<4>(fl, ty, w, &q, 0);
                 let name = fl.name();
                 for r in 0..4 {
                     for (what, got, t) in [
@@ -460,6 +460,10 @@ mod tests {
                         ("rows4", four[r], 1),
                         ("rows4x2[0]", pair[0][r], 0),
                         ("rows4x2[1]", pair[1][r], 1),
+                        ("rows4x4[0]", quad[0][r], 0),
+                        ("rows4x4[1]", quad[1][r], 1),
+                        ("rows4x4[2]", quad[2][r], 2),
+                        ("rows4x4[3]", quad[3][r], 3),
                     ] {
                         assert!(
                             close(got, scalar(r, t)),
