@@ -19,6 +19,7 @@ fn worker_config(m: &Model) -> LlamaConfig {
         vocab: m.vocab as usize,
         context: m.max_context as usize,
         rope_base: 500_000.0,
+        rope_scale: 1.0,
         rms_eps: 1e-5,
     }
 }

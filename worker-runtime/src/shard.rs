@@ -520,6 +520,7 @@ mod tests {
             vocab: 100,
             context: 2048,
             rope_base: 10000.0,
+            rope_scale: 1.0,
             rms_eps: 1e-5,
         }
     }

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::backend::cpu::{DotOrder, attend, attend_f32, swiglu_fast};
+use crate::backend::cpu::{DotOrder, RopeFreqs, attend, attend_f32, swiglu_fast};
 use crate::backend::{Backend, Weight};
 use crate::comm::{Collective, CommError};
 use crate::model::config::LlamaConfig;
@@ -116,6 +116,7 @@ pub struct LlamaModel {
     out_norm: Vec<f32>,
     output: Weight,
     kv_type: KvType,
+    rope: RopeFreqs,
 }
 
 pub use super::kv_cache::{KvCache, KvLayer, KvType};
@@ -233,6 +234,13 @@ impl LlamaModel {
         } else {
             no_weight(c.hidden)
         };
+        // Llama 3.1's converter writes its llama3 RoPE scaling as per-frequency divisors.
+        let factors = if g.tensor("rope_freqs.weight").is_some() {
+            vec("rope_freqs.weight", c.head_dim() / 2)?
+        } else {
+            Vec::new()
+        };
+        let rope = RopeFreqs::new(c.rope_base, c.rope_scale, factors);
         let out_norm = if spec.head {
             vec("output_norm.weight", c.hidden)?
         } else {
@@ -250,6 +258,7 @@ impl LlamaModel {
                 WeightFormat::AsStored => KvType::F16,
                 WeightFormat::F32 => KvType::F32,
             },
+            rope,
         })
     }
 
@@ -265,7 +274,7 @@ impl LlamaModel {
     }
 
     fn rope(&self, x: &mut [f32], pos: usize) {
-        crate::backend::cpu::rope(x, self.config.head_dim(), pos, self.config.rope_base);
+        crate::backend::cpu::rope(x, self.config.head_dim(), pos, &self.rope);
     }
 
     /// Bytes of weights this rank copied out of the file and holds (what sharding divides).

@@ -21,6 +21,9 @@ pub struct LlamaConfig {
     pub context: usize,
     /// RoPE frequency base.
     pub rope_base: f32,
+    /// RoPE linear position scale (`rope.scaling.type = linear`: 1 / `rope.scaling.factor`;
+    /// otherwise 1). Llama 3.1's llama3 scaling comes as the `rope_freqs` tensor instead.
+    pub rope_scale: f32,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
 }
@@ -66,6 +69,27 @@ impl LlamaConfig {
                 .and_then(|v| v.as_f64())
                 .map_or(default, |v| v as f32)
         };
+        let rope_scale = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+            None | Some("none") => 1.0,
+            Some("linear") => match f("rope.scaling.factor", 1.0) {
+                factor if factor > 0.0 => 1.0 / factor,
+                factor => {
+                    return Err(GgufError::Metadata {
+                        key: "llama.rope.scaling.factor".into(),
+                        reason: format!("linear scaling factor {factor} must be positive"),
+                    });
+                }
+            },
+            Some(other) => {
+                return Err(GgufError::Metadata {
+                    key: "llama.rope.scaling.type".into(),
+                    reason: format!(
+                        "RoPE scaling {other:?} is not supported (none, linear, and llama3's \
+                         rope_freqs tensor are)"
+                    ),
+                });
+            }
+        };
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = match g.get("llama.attention.head_count_kv") {
             Some(_) => u("attention.head_count_kv")?,
@@ -92,6 +116,7 @@ impl LlamaConfig {
             vocab,
             context: u("context_length")?,
             rope_base: f("rope.freq_base", 10_000.0),
+            rope_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
         };
         if !hidden.is_multiple_of(n_heads)

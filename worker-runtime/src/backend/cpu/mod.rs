@@ -13,7 +13,8 @@ pub use kernels::{
 };
 pub use kquants::{KActs, QK_K, quantize_acts_k};
 pub use ops::{
-    AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, rope, silu, swiglu, swiglu_fast,
+    AttnScratch, DotOrder, RopeFreqs, attend, attend_f32, expf, rms_norm, rope, silu, swiglu,
+    swiglu_fast,
 };
 
 use std::sync::OnceLock;
