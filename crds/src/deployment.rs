@@ -199,6 +199,23 @@ pub enum WeightDtype {
     /// GGUF Q4_1: 32 weights in 20 bytes.
     #[serde(rename = "q4_1")]
     Q4_1,
+    /// GGUF Q5_0: 32 weights in 22 bytes.
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    /// GGUF Q5_1: 32 weights in 24 bytes.
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// A llama.cpp Q4_K_M file: mostly Q4_K (256 weights in 144 bytes) with Q6_K for some
+    /// tensors, about 4.9 bits per weight.
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+    /// A llama.cpp Q5_K_M file: mostly Q5_K with Q6_K for some tensors, about 5.7 bits per
+    /// weight.
+    #[serde(rename = "q5_k_m")]
+    Q5KM,
+    /// A llama.cpp Q6_K file: 256 weights in 210 bytes.
+    #[serde(rename = "q6_k")]
+    Q6K,
 }
 
 impl WeightDtype {
@@ -211,6 +228,12 @@ impl WeightDtype {
             WeightDtype::Q8_0 => 34.0 / 32.0,
             WeightDtype::Q4_0 => 18.0 / 32.0,
             WeightDtype::Q4_1 => 20.0 / 32.0,
+            WeightDtype::Q5_0 => 22.0 / 32.0,
+            WeightDtype::Q5_1 => 24.0 / 32.0,
+            // llama.cpp's own sizes for Llama 3.1 8B: 4.58 GiB and 5.33 GiB for 8.03 B weights.
+            WeightDtype::Q4KM => 4.9 / 8.0,
+            WeightDtype::Q5KM => 5.7 / 8.0,
+            WeightDtype::Q6K => 210.0 / 256.0,
         }
     }
 
@@ -224,6 +247,11 @@ impl WeightDtype {
             WeightDtype::Q8_0 => "q8_0",
             WeightDtype::Q4_0 => "q4_0",
             WeightDtype::Q4_1 => "q4_1",
+            WeightDtype::Q5_0 => "q5_0",
+            WeightDtype::Q5_1 => "q5_1",
+            WeightDtype::Q4KM => "q4_k_m",
+            WeightDtype::Q5KM => "q5_k_m",
+            WeightDtype::Q6K => "q6_k",
         }
     }
 }
