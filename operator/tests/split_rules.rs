@@ -20,6 +20,7 @@ fn worker_config(m: &Model) -> LlamaConfig {
         context: m.max_context as usize,
         rope_base: 500_000.0,
         rope_scale: 1.0,
+        rope_neox: false,
         rms_eps: 1e-5,
     }
 }

@@ -329,6 +329,23 @@ pub fn load_weight(
     })
 }
 
+/// The rows of a `rows`-row tensor split by `split` that this rank takes (all of them for
+/// `Replicated` and `Cols`): also how a bias follows its weight's rows.
+pub fn local_rows(rows: usize, spec: &ShardSpec, split: Split) -> std::ops::Range<usize> {
+    let n = spec.tp_size.max(1);
+    match split {
+        Split::Rows if n > 1 => {
+            let l = rows / n;
+            spec.tp_rank * l..(spec.tp_rank + 1) * l
+        }
+        Split::RowBlock { index, count } if n > 1 => {
+            let l = rows / count;
+            index * l..(index + 1) * l
+        }
+        _ => 0..rows,
+    }
+}
+
 /// The `(rows, cols)` this rank takes of a `rows x cols` tensor stored in blocks of
 /// `block_elems` along a row, split by `split`; or why it cannot be split. The loader and the
 /// shape check ([`check_shapes`]) both use it.
@@ -521,6 +538,7 @@ mod tests {
             context: 2048,
             rope_base: 10000.0,
             rope_scale: 1.0,
+            rope_neox: false,
             rms_eps: 1e-5,
         }
     }

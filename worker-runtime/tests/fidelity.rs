@@ -1,7 +1,8 @@
 //! Fidelity against llama.cpp on the files people download: the SmolLM2 Q4_1 file requantized
 //! by llama.cpp's own quantizer (llama-cpp-python 0.3.36, built here by
-//! `scripts/llama-venv.sh`) to Q4_K_M, Q5_K_M and Q6_K, the Q4_1 original, and the original
-//! with Llama 3.1's RoPE scaling added (a `rope_freqs` tensor, written with gguf-py).
+//! `scripts/llama-venv.sh`) to Q4_K_M, Q5_K_M and Q6_K, the Q4_1 original, the original with
+//! Llama 3.1's RoPE scaling added (a `rope_freqs` tensor) and the same weights as a `qwen2` file
+//! (both written with gguf-py).
 //!
 //! For each prompt (5 to ~150 tokens): the token ids are llama.cpp's; the first greedy token is
 //! llama.cpp's (batched or token by token; where those two differ, one of its top 3); and,
@@ -86,26 +87,9 @@ fn run_python(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-/// `variant` of the SmolLM2 file, made once per target directory by `make(src, part)`.
-fn derived(variant: &str, make: impl FnOnce(&str, &str)) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fidelity");
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("SmolLM2-135M-Instruct.{variant}.gguf"));
-    if !path.is_file() {
-        let part = path.with_extension("part");
-        let src = common::model_path();
-        make(
-            src.to_str().expect("utf-8 path"),
-            part.to_str().expect("utf-8 path"),
-        );
-        std::fs::rename(&part, &path).expect("rename");
-    }
-    path
-}
-
 /// The SmolLM2 file requantized to `ftype` by llama.cpp.
 fn requantized(ftype: &str) -> PathBuf {
-    derived(ftype, |src, part| {
+    common::derived(ftype, |src, part| {
         run_python(&["quantize", src, part, ftype]);
     })
 }
@@ -249,20 +233,8 @@ fn the_q4_1_original_matches_llama_cpp() {
 /// 256, so that even short prompts feel it) changes the answers, and they match llama.cpp's.
 #[test]
 fn llama3_rope_frequency_factors_match_llama_cpp() {
-    let path = derived("rope-freqs", |src, part| {
-        let python = std::env::var_os("WHALEFLUX_PYTHON")
-            .expect("WHALEFLUX_PYTHON: a Python with gguf==0.19.0 (scripts/test.sh makes one)");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/with_rope_freqs.py");
-        let out = Command::new(python)
-            .arg(script)
-            .args([src, part, "8", "256"])
-            .output()
-            .expect("run with_rope_freqs.py");
-        assert!(
-            out.status.success(),
-            "with_rope_freqs.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let path = common::derived("rope-freqs", |src, part| {
+        common::derive_gguf(&["rope-freqs", src, part, "8", "256"]);
     });
     let scaled = Runtime::load(&path, 2).expect("load the scaled file");
     let plain = Runtime::load(&common::model_path(), 2).expect("load the original");
@@ -278,4 +250,17 @@ fn llama3_rope_frequency_factors_match_llama_cpp() {
         "the rope_freqs tensor changed no log-probability by more than {moved}"
     );
     compare("rope_freqs", &path, &[]);
+}
+
+/// A `qwen2` file (the SmolLM2 weights under Qwen2's metadata keys and pre-tokenizer, with random
+/// Q/K/V biases, written with gguf-py): llama.cpp runs it as Qwen2 (biases, NeoX-style RoPE,
+/// single-digit pre-tokenization) and so must we.
+#[test]
+fn a_qwen2_file_matches_llama_cpp() {
+    let path = common::derived("qwen2", |src, part| {
+        common::derive_gguf(&["qwen2", src, part])
+    });
+    let rt = Runtime::load(&path, 2).expect("load the qwen2 file");
+    assert!(rt.model.config.rope_neox, "qwen2 takes NeoX-style RoPE");
+    compare("qwen2", &path, &[]);
 }

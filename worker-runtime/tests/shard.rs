@@ -135,8 +135,25 @@ fn every_split_matches_the_single_rank(
     texts: &[&str],
     max_tokens: usize,
 ) {
-    let path = common::model_path();
-    let g = Gguf::open(&path).expect("open");
+    splits_match_the_single_rank(
+        &common::model_path(),
+        opts,
+        tol,
+        near_tie,
+        texts,
+        max_tokens,
+    );
+}
+
+fn splits_match_the_single_rank(
+    path: &std::path::Path,
+    opts: LoadOptions,
+    tol: f32,
+    near_tie: f32,
+    texts: &[&str],
+    max_tokens: usize,
+) {
+    let g = Gguf::open(path).expect("open");
     let tk = Arc::new(ModelTokenizer::from_gguf(&g).expect("tokenizer"));
     let cfg = whaleflux_worker::model::config::LlamaConfig::from_gguf(&g).expect("cfg");
     let prompts: Vec<Vec<u32>> = ["The capital of France is", "def fibonacci(n):"]
@@ -217,6 +234,17 @@ fn on_the_f32_path_every_split_matches_the_single_rank() {
         ],
         24,
     );
+}
+
+/// Qwen2's Q/K/V biases follow their weights' rows onto each tensor-parallel rank: the
+/// `qwen2` file derived from SmolLM2 (random biases, written with gguf-py) computes on every
+/// split what one rank computes.
+#[test]
+fn a_qwen2_file_splits_like_one_rank() {
+    let path = common::derived("qwen2", |src, part| {
+        common::derive_gguf(&["qwen2", src, part])
+    });
+    splits_match_the_single_rank(&path, LoadOptions::f32(), F32_TOL, 0.0, &[], 0);
 }
 
 #[test]

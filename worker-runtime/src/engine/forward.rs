@@ -10,6 +10,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::gguf::{Gguf, GgufError};
 use crate::shard::{
     LoadOptions, ShardSpec, Split, WeightFormat, block_weights, load_vector, load_weight_as,
+    local_rows,
 };
 
 /// Errors loading model weights.
@@ -99,6 +100,8 @@ impl Fused {
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: Fused,
+    /// This rank's slices of the Q, K and V biases (Qwen2), if the file has them.
+    qkv_bias: Option<[Vec<f32>; 3]>,
     wo: Weight,
     ffn_norm: Vec<f32>,
     gate_up: Fused,
@@ -192,7 +195,30 @@ impl LlamaModel {
         let mut layers = Vec::new();
         for l in spec.layers.clone() {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
-            let [q, k, v, o, gate, up, down] = block_weights(c, &spec).map(|bw| {
+            let blocks = block_weights(c, &spec);
+            let bias = |i: usize| -> Result<Option<Vec<f32>>, LoadError> {
+                let (bw, name) = (&blocks[i], format!("blk.{l}.{}.bias", blocks[i].name));
+                if g.tensor(&name).is_none() {
+                    return Ok(None);
+                }
+                let full = vec(&name, bw.full.0)?;
+                Ok(Some(full[local_rows(bw.full.0, &spec, bw.split)].to_vec()))
+            };
+            let qkv_bias = match (bias(0)?, bias(1)?, bias(2)?) {
+                (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+                (None, None, None) => None,
+                _ => {
+                    return Err(GgufError::BadTensor {
+                        tensor: format!("blk.{l}.attn_q.bias"),
+                        offset: 0,
+                        reason: "Q, K and V biases come together: the file has some of the \
+                                 three, not all"
+                            .into(),
+                    }
+                    .into());
+                }
+            };
+            let [q, k, v, o, gate, up, down] = blocks.map(|bw| {
                 let name = n(bw.name);
                 check(
                     load_weight_as(g, &name, &spec, bw.split, fmt)?,
@@ -203,6 +229,7 @@ impl LlamaModel {
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm"), c.hidden)?,
                 qkv: Fused::new(vec![q?, k?, v?]),
+                qkv_bias,
                 wo: o?,
                 ffn_norm: vec(&n("ffn_norm"), c.hidden)?,
                 gate_up: Fused::new(vec![gate?, up?]),
@@ -240,7 +267,7 @@ impl LlamaModel {
         } else {
             Vec::new()
         };
-        let rope = RopeFreqs::new(c.rope_base, c.rope_scale, factors);
+        let rope = RopeFreqs::new(c.rope_base, c.rope_scale, factors).neox(c.rope_neox);
         let out_norm = if spec.head {
             vec("output_norm.weight", c.hidden)?
         } else {
@@ -418,6 +445,13 @@ impl LlamaModel {
             layer
                 .qkv
                 .apply(be, &xn, t_total, &mut tmp, &mut [&mut q, &mut k, &mut v]);
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                for (out, b) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
+                    for row in out.chunks_exact_mut(b.len()) {
+                        row.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+            }
             for (ri, &(si, pos)) in rows.iter().enumerate() {
                 self.rope(&mut q[ri * qd..(ri + 1) * qd], pos);
                 self.rope(&mut k[ri * kvd..(ri + 1) * kvd], pos);

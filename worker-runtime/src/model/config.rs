@@ -21,6 +21,9 @@ pub struct LlamaConfig {
     pub context: usize,
     /// RoPE frequency base.
     pub rope_base: f32,
+    /// Whether RoPE rotates the two halves of each head (GPT-NeoX style: Qwen2) rather than
+    /// adjacent pairs (Llama: its converter permutes Q and K for that).
+    pub rope_neox: bool,
     /// RoPE linear position scale (`rope.scaling.type = linear`: 1 / `rope.scaling.factor`;
     /// otherwise 1). Llama 3.1's llama3 scaling comes as the `rope_freqs` tensor instead.
     pub rope_scale: f32,
@@ -45,44 +48,54 @@ impl LlamaConfig {
         }
     }
 
-    /// Read the config; only `general.architecture = llama` is supported.
+    /// Read the config of a `general.architecture = llama` or `qwen2` file (the same block:
+    /// Qwen2 adds Q/K/V biases, which the loader takes when present, and NeoX-style RoPE).
     pub fn from_gguf(g: &Gguf) -> Result<Self, GgufError> {
         let arch = g.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(GgufError::Metadata {
-                key: "general.architecture".into(),
-                reason: format!("architecture {arch:?} is not supported (only \"llama\")"),
-            });
-        }
+        let rope_neox = match arch {
+            "llama" => false,
+            "qwen2" => true,
+            _ => {
+                return Err(GgufError::Metadata {
+                    key: "general.architecture".into(),
+                    reason: format!(
+                        "architecture {arch:?} is not supported (\"llama\" and \"qwen2\" are)"
+                    ),
+                });
+            }
+        };
         let u = |k: &str| -> Result<usize, GgufError> {
-            let v = g.get_u64(&format!("llama.{k}"))?;
+            let v = g.get_u64(&format!("{arch}.{k}"))?;
             usize::try_from(v)
                 .ok()
                 .filter(|&v| v > 0 && v < (1 << 24))
                 .ok_or_else(|| GgufError::Metadata {
-                    key: format!("llama.{k}"),
+                    key: format!("{arch}.{k}"),
                     reason: format!("value {v} out of range"),
                 })
         };
         let f = |k: &str, default: f32| -> f32 {
-            g.get(&format!("llama.{k}"))
+            g.get(&format!("{arch}.{k}"))
                 .and_then(|v| v.as_f64())
                 .map_or(default, |v| v as f32)
         };
-        let rope_scale = match g.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+        let rope_scale = match g
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(|v| v.as_str())
+        {
             None | Some("none") => 1.0,
             Some("linear") => match f("rope.scaling.factor", 1.0) {
                 factor if factor > 0.0 => 1.0 / factor,
                 factor => {
                     return Err(GgufError::Metadata {
-                        key: "llama.rope.scaling.factor".into(),
+                        key: format!("{arch}.rope.scaling.factor"),
                         reason: format!("linear scaling factor {factor} must be positive"),
                     });
                 }
             },
             Some(other) => {
                 return Err(GgufError::Metadata {
-                    key: "llama.rope.scaling.type".into(),
+                    key: format!("{arch}.rope.scaling.type"),
                     reason: format!(
                         "RoPE scaling {other:?} is not supported (none, linear, and llama3's \
                          rope_freqs tensor are)"
@@ -91,12 +104,12 @@ impl LlamaConfig {
             }
         };
         let n_heads = u("attention.head_count")?;
-        let n_kv_heads = match g.get("llama.attention.head_count_kv") {
+        let n_kv_heads = match g.get(&format!("{arch}.attention.head_count_kv")) {
             Some(_) => u("attention.head_count_kv")?,
             None => n_heads,
         };
         let hidden = u("embedding_length")?;
-        let vocab = match g.get("llama.vocab_size") {
+        let vocab = match g.get(&format!("{arch}.vocab_size")) {
             Some(_) => u("vocab_size")?,
             None => g
                 .get("tokenizer.ggml.tokens")
@@ -116,6 +129,7 @@ impl LlamaConfig {
             vocab,
             context: u("context_length")?,
             rope_base: f("rope.freq_base", 10_000.0),
+            rope_neox,
             rope_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
         };
@@ -125,7 +139,7 @@ impl LlamaConfig {
             || cfg.head_dim() > 256
         {
             return Err(GgufError::Metadata {
-                key: "llama.attention.head_count".into(),
+                key: format!("{arch}.attention.head_count"),
                 reason: format!(
                     "hidden {hidden}, {n_heads} heads and {n_kv_heads} KV heads do not divide evenly (or the head width exceeds 256)"
                 ),

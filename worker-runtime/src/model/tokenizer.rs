@@ -60,6 +60,8 @@ fn byte_decoder() -> HashMap<char, u8> {
 }
 
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// llama.cpp's `qwen2` pre-tokenizer: Llama 3's, with single digits.
+const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)";
 const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 impl ModelTokenizer {
@@ -140,6 +142,7 @@ impl ModelTokenizer {
             "llama-bpe" | "llama3" | "smaug-bpe" => {
                 Sequence::new(vec![split(LLAMA3_RE)?, bl_noregex]).into()
             }
+            "qwen2" => Sequence::new(vec![split(QWEN2_RE)?, bl_noregex]).into(),
             _ => Sequence::new(vec![split(GPT2_RE)?, bl_noregex]).into(),
         };
         tk.with_pre_tokenizer(Some(pre_tok));

@@ -81,6 +81,8 @@ pub struct RopeFreqs {
     base: f32,
     scale: f32,
     factors: Vec<f32>,
+    /// Rotate element `i` with `i + hd / 2` (GPT-NeoX style) rather than `2i` with `2i + 1`.
+    neox: bool,
     /// A hash of the three above: the thread-local angle tables are keyed by it.
     id: u64,
 }
@@ -97,8 +99,14 @@ impl RopeFreqs {
             base,
             scale,
             factors,
+            neox: false,
             id: h.finish(),
         }
+    }
+
+    /// The same angles, applied to the two halves of each head (GPT-NeoX style: Qwen2).
+    pub fn neox(self, neox: bool) -> Self {
+        Self { neox, ..self }
     }
 
     /// Plain RoPE with frequency base `base`.
@@ -143,28 +151,35 @@ pub fn rope(x: &mut [f32], hd: usize, pos: usize, freqs: &RopeFreqs) {
         #[cfg(target_arch = "x86_64")]
         if super::kernels::has_avx2() {
             // SAFETY: FMA was detected at run time.
-            unsafe { rope_fma(x, hd, cs) };
+            unsafe { rope_fma(x, hd, cs, freqs.neox) };
             return;
         }
-        rotate(x, hd, cs);
+        rotate(x, hd, cs, freqs.neox);
     });
 }
 
 #[inline(always)]
-fn rotate(x: &mut [f32], hd: usize, cs: &[f32]) {
+fn rotate(x: &mut [f32], hd: usize, cs: &[f32], neox: bool) {
+    let turn =
+        |x0: f32, x1: f32, c: &[f32]| (x0.mul_add(c[0], -(x1 * c[1])), x0.mul_add(c[1], x1 * c[0]));
     for head in x.chunks_exact_mut(hd) {
-        for (pair, c) in head.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
-            let (x0, x1) = (pair[0], pair[1]);
-            pair[0] = x0.mul_add(c[0], -(x1 * c[1]));
-            pair[1] = x0.mul_add(c[1], x1 * c[0]);
+        if neox {
+            let (lo, hi) = head.split_at_mut(hd / 2);
+            for ((a, b), c) in lo.iter_mut().zip(hi).zip(cs.chunks_exact(2)) {
+                (*a, *b) = turn(*a, *b, c);
+            }
+        } else {
+            for (pair, c) in head.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
+                (pair[0], pair[1]) = turn(pair[0], pair[1], c);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn rope_fma(x: &mut [f32], hd: usize, cs: &[f32]) {
-    rotate(x, hd, cs);
+unsafe fn rope_fma(x: &mut [f32], hd: usize, cs: &[f32], neox: bool) {
+    rotate(x, hd, cs, neox);
 }
 
 /// Sum of 16 lanes in the order of `_mm512_reduce_add_ps` (halves, quarters, pairs).
@@ -736,6 +751,16 @@ mod tests {
             let want = (a * th.cos() - b * th.sin(), a * th.sin() + b * th.cos());
             assert!((f64::from(x[2 * i]) - want.0).abs() < 1e-4, "pair {i}");
             assert!((f64::from(x[2 * i + 1]) - want.1).abs() < 1e-4, "pair {i}");
+        }
+        // NeoX style: element i turns with element i + hd / 2, by pair i's angle.
+        let mut nx = x0.clone();
+        let plain_freqs = RopeFreqs::plain(10_000.0);
+        rope(&mut nx, hd, pos, &plain_freqs.clone().neox(true));
+        for i in 0..hd / 2 {
+            let th = pos as f64 * 10_000f64.powf(-2.0 * i as f64 / hd as f64);
+            let (a, b) = (f64::from(x0[i]), f64::from(x0[i + hd / 2]));
+            assert!((f64::from(nx[i]) - (a * th.cos() - b * th.sin())).abs() < 1e-4);
+            assert!((f64::from(nx[i + hd / 2]) - (a * th.sin() + b * th.cos())).abs() < 1e-4);
         }
         let (mut plain, mut ones) = (x0.clone(), x0.clone());
         rope(&mut plain, hd, pos, &RopeFreqs::plain(10_000.0));

@@ -1,0 +1,96 @@
+"""Derive test models from a llama GGUF file with gguf-py (`gguf`), llama.cpp's own GGUF package.
+
+  derive_gguf.py rope-freqs SRC DST FACTOR ORIGINAL_CONTEXT
+      add a `rope_freqs.weight` tensor, as Llama 3.1's converter writes its llama3 RoPE
+      scaling: per-frequency divisors from (factor, low/high frequency factors, the original
+      context)
+  derive_gguf.py qwen2 SRC DST
+      the same weights as a `qwen2` file: metadata under `qwen2.`, the `qwen2` pre-tokenizer,
+      and random Q/K/V biases (seeded); llama.cpp runs it with Qwen2's NeoX-style RoPE
+"""
+import math
+import sys
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+
+def llama3_factors(base, head_dim, factor, original_context, low=1.0, high=4.0):
+    """Divisors per rotary pair, by the llama3 rule: short wavelengths unchanged, long ones
+    divided by `factor`, a smooth ramp between."""
+    low_wavelen = original_context / low
+    high_wavelen = original_context / high
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / (base ** (i / head_dim))
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def copy(src, dst, arch=None, rename=lambda key: key, overrides=None):
+    """A writer holding `src`'s metadata (keys renamed, values overridden) and tensors."""
+    r = GGUFReader(src)
+    arch = arch or r.fields["general.architecture"].contents()
+    w = GGUFWriter(dst, arch)
+    overrides = overrides or {}
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        key = rename(name)
+        w.add_key_value(key, overrides.get(key, field.contents()), vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    return r, w
+
+
+def finish(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def rope_freqs(src, dst, factor, original_context):
+    r, w = copy(src, dst)
+    arch = r.fields["general.architecture"].contents()
+    base = float(r.fields[f"{arch}.rope.freq_base"].contents())
+    heads = int(r.fields[f"{arch}.attention.head_count"].contents())
+    hidden = int(r.fields[f"{arch}.embedding_length"].contents())
+    factors = llama3_factors(base, hidden // heads, factor, original_context)
+    w.add_tensor("rope_freqs.weight", factors)
+    finish(w)
+
+
+def qwen2(src, dst):
+    rename = lambda key: "qwen2." + key[len("llama."):] if key.startswith("llama.") else key
+    r, w = copy(src, dst, "qwen2", rename, {"tokenizer.ggml.pre": "qwen2"})
+    layers = int(r.fields["llama.block_count"].contents())
+    hidden = int(r.fields["llama.embedding_length"].contents())
+    heads = int(r.fields["llama.attention.head_count"].contents())
+    kv_heads = int(r.fields["llama.attention.head_count_kv"].contents())
+    kv = hidden // heads * kv_heads
+    rng = np.random.default_rng(7)
+    for layer in range(layers):
+        for name, n in (("attn_q", hidden), ("attn_k", kv), ("attn_v", kv)):
+            bias = rng.normal(0.0, 0.5, n).astype(np.float32)
+            w.add_tensor(f"blk.{layer}.{name}.bias", bias)
+    finish(w)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "rope-freqs":
+        rope_freqs(args[0], args[1], float(args[2]), float(args[3]))
+    elif cmd == "qwen2":
+        qwen2(args[0], args[1])
+    else:
+        sys.exit(f"unknown command {cmd!r}")
