@@ -1,14 +1,14 @@
 //! Fidelity against llama.cpp on the files people download: the SmolLM2 Q4_1 file requantized
 //! by llama.cpp's own quantizer (llama-cpp-python 0.3.36, built here by
 //! `scripts/llama-venv.sh`) to Q4_K_M, Q5_K_M and Q6_K, the Q4_1 original, the original with
-//! Llama 3.1's RoPE scaling added (a `rope_freqs` tensor) and the same weights as a `qwen2` file
-//! (both written with gguf-py).
+//! Llama 3.1's RoPE scaling added (a `rope_freqs` tensor), and the same weights as a `qwen2`
+//! file and with a SentencePiece vocabulary (written with gguf-py).
 //!
 //! For each prompt (5 to ~150 tokens): the token ids are llama.cpp's; the first greedy token is
 //! llama.cpp's (batched or token by token; where those two differ, one of its top 3); and,
 //! measured against the truth (the same file's weights dequantized to f32, f32 activations, no
 //! activation rounding), our mean top-5 log-prob error is llama.cpp's or less (within the 25%
-//! noise of eight prompts; both are printed).
+//! noise of nine prompts; both are printed).
 //! SmolLM2 has outlier channels that turn a one-ulp difference into a flipped 8-bit activation
 //! a few layers on, so two engines that round in different orders differ by ~0.1-0.5 nats on
 //! longer prompts (llama.cpp's batched and token-by-token paths differ from each other by as
@@ -42,6 +42,7 @@ const PROMPTS: &[&str] = &[
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWrite a \
      haiku about GPUs.<|im_end|>\n<|im_start|>assistant\n",
     "fn main() {\n    let xs: Vec<u32> = (1..=10).collect();\n    let total: u32 = xs.iter()",
+    "  Héllo wörld! 🐋 don't\n\n\tcode()  12345 + 67 =",
     "Kubernetes is an open-source system for automating deployment, scaling, and management of \
      containerized applications. It groups containers that make up an application into logical \
      units for easy management and discovery. Kubernetes builds upon fifteen years of \
@@ -263,4 +264,14 @@ fn a_qwen2_file_matches_llama_cpp() {
     let rt = Runtime::load(&path, 2).expect("load the qwen2 file");
     assert!(rt.model.config.rope_neox, "qwen2 takes NeoX-style RoPE");
     compare("qwen2", &path, &[]);
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model = llama`, as Llama 2 and Mistral files
+/// carry: scored pieces, `<0xXX>` byte pieces, no merges), written with gguf-py over the SmolLM2
+/// weights: token ids (space prefix, `▁`, merges by score, byte fallback for the emoji and
+/// accents, special tokens written in the text) and answers are llama.cpp's.
+#[test]
+fn a_sentencepiece_vocabulary_matches_llama_cpp() {
+    let path = common::derived("spm", |src, part| common::derive_gguf(&["spm", src, part]));
+    compare("spm", &path, &[]);
 }

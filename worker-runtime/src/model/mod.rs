@@ -3,4 +3,5 @@
 pub mod chat;
 pub mod config;
 pub mod gguf;
+pub mod spm;
 pub mod tokenizer;

@@ -1,5 +1,7 @@
-//! Byte-level BPE tokenizer built from the GGUF vocabulary and merges with the `tokenizers` crate,
-//! plus a per-token byte table for exact, UTF-8-safe incremental decoding while streaming.
+//! The model's tokenizer from its GGUF vocabulary: byte-level BPE (`tokenizer.ggml.model =
+//! gpt2`) with the `tokenizers` crate and the pre-tokenizer the file names, or SentencePiece
+//! (`llama`, [`super::spm`]); plus a per-token byte table for exact, UTF-8-safe incremental
+//! decoding while streaming.
 
 use std::collections::HashMap;
 
@@ -11,6 +13,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use super::gguf::{Gguf, Value};
+use super::spm::{self, Spm};
 
 /// Errors building or using the tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +28,7 @@ pub enum TokenizerError {
 
 /// The model's tokenizer.
 pub struct ModelTokenizer {
-    inner: Tokenizer,
+    inner: Engine,
     token_bytes: Vec<Vec<u8>>,
     /// Beginning-of-sequence token.
     pub bos: Option<u32>,
@@ -37,6 +40,17 @@ pub struct ModelTokenizer {
     pub tokens: Vec<String>,
     /// Control/user-defined tokens that end generation (EOS and end-of-turn markers).
     pub stop_ids: Vec<u32>,
+}
+
+/// How text becomes ids.
+enum Engine {
+    /// Byte-level BPE through the `tokenizers` crate (special tokens are its added tokens).
+    Bpe(Box<Tokenizer>),
+    /// SentencePiece, with the special tokens that split the text before it.
+    Spm {
+        spm: Box<Spm>,
+        specials: Vec<(String, u32)>,
+    },
 }
 
 /// GPT-2's reversible byte <-> printable-char table.
@@ -75,10 +89,13 @@ impl ModelTokenizer {
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
             .ok_or_else(|| meta("tokenizer.ggml.model", "missing"))?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(meta(
                 "tokenizer.ggml.model",
-                &format!("{model:?} is not supported (only byte-level BPE \"gpt2\")"),
+                &format!(
+                    "{model:?} is not supported (byte-level BPE \"gpt2\" and SentencePiece \
+                     \"llama\" are)"
+                ),
             ));
         }
         let strs = |key: &str| -> Result<Vec<String>, TokenizerError> {
@@ -94,11 +111,115 @@ impl ModelTokenizer {
                 .collect()
         };
         let tokens = strs("tokenizer.ggml.tokens")?;
-        let merges_raw = strs("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
+        let (inner, token_bytes) = if model == "llama" {
+            Self::spm(g, &tokens, &types)?
+        } else {
+            Self::bpe(g, &tokens, &types)?
+        };
+        let id = |key: &str| {
+            g.get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
+            stop_ids.push(e);
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if types.get(i) == Some(&3)
+                && matches!(
+                    t.as_str(),
+                    "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>" | "</s>"
+                )
+                && !stop_ids.contains(&(i as u32))
+            {
+                stop_ids.push(i as u32);
+            }
+        }
+        Ok(Self {
+            inner,
+            token_bytes,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: g
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(model == "llama"),
+            tokens,
+            stop_ids,
+        })
+    }
+
+    /// A SentencePiece vocabulary: pieces, their scores, special tokens (control and
+    /// user-defined) that split the text, `<0xXX>` byte pieces.
+    fn spm(
+        g: &Gguf,
+        tokens: &[String],
+        types: &[i64],
+    ) -> Result<(Engine, Vec<Vec<u8>>), TokenizerError> {
+        let scores: Vec<f32> = g
+            .get("tokenizer.ggml.scores")
+            .and_then(Value::as_array)
+            .ok_or_else(|| TokenizerError::Metadata {
+                key: "tokenizer.ggml.scores".into(),
+                reason: "missing or not an array (a SentencePiece vocabulary needs them)".into(),
+            })?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+            .collect();
+        let add_space_prefix = g
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let special = |i: usize| matches!(types.get(i), Some(3 | 4));
+        let specials = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| special(*i) && !t.is_empty())
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let token_bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if special(i) {
+                    t.as_bytes().to_vec()
+                } else {
+                    spm::piece_bytes(t)
+                }
+            })
+            .collect();
+        let spm = Box::new(Spm::new(tokens, scores, add_space_prefix));
+        Ok((Engine::Spm { spm, specials }, token_bytes))
+    }
+
+    /// A byte-level BPE vocabulary with its merges and the pre-tokenizer the file names.
+    fn bpe(
+        g: &Gguf,
+        tokens: &[String],
+        types: &[i64],
+    ) -> Result<(Engine, Vec<Vec<u8>>), TokenizerError> {
+        let meta = |key: &str, reason: &str| TokenizerError::Metadata {
+            key: key.into(),
+            reason: reason.into(),
+        };
+        let merges_raw: Vec<String> = g
+            .get("tokenizer.ggml.merges")
+            .and_then(Value::as_array)
+            .ok_or_else(|| meta("tokenizer.ggml.merges", "missing or not an array"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| meta("tokenizer.ggml.merges", "array item is not a string"))
+            })
+            .collect::<Result<_, _>>()?;
         let mut merges = Vec::with_capacity(merges_raw.len());
         for m in &merges_raw {
             let (a, b) = m.split_once(' ').ok_or_else(|| {
@@ -149,7 +270,7 @@ impl ModelTokenizer {
         tk.with_decoder(Some(ByteLevel::default()));
         let specials: Vec<AddedToken> = tokens
             .iter()
-            .zip(&types)
+            .zip(types)
             .filter(|(_, ty)| **ty == 3 || **ty == 4)
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
@@ -157,7 +278,7 @@ impl ModelTokenizer {
         let dec = byte_decoder();
         let token_bytes = tokens
             .iter()
-            .zip(&types)
+            .zip(types)
             .map(|(t, ty)| {
                 if *ty == 3 || *ty == 4 {
                     t.as_bytes().to_vec()
@@ -168,55 +289,51 @@ impl ModelTokenizer {
                 }
             })
             .collect();
-        let id = |key: &str| {
-            g.get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len())
-        };
-        let eos = id("tokenizer.ggml.eos_token_id");
-        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
-        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
-            stop_ids.push(e);
-        }
-        for (i, t) in tokens.iter().enumerate() {
-            if types.get(i) == Some(&3)
-                && matches!(
-                    t.as_str(),
-                    "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>" | "</s>"
-                )
-                && !stop_ids.contains(&(i as u32))
-            {
-                stop_ids.push(i as u32);
-            }
-        }
-        Ok(Self {
-            inner: tk,
-            token_bytes,
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos,
-            add_bos: g
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            tokens,
-            stop_ids,
-        })
+        Ok((Engine::Bpe(Box::new(tk)), token_bytes))
     }
 
     /// Tokenize text, parsing special tokens, adding BOS when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos
             && let Some(b) = self.bos
         {
             ids.push(b);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.inner {
+            Engine::Bpe(tk) => {
+                let enc = tk
+                    .encode(text, false)
+                    .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Engine::Spm { spm, specials } => {
+                // Runs of text between special tokens written out (the longest one wins where
+                // several start at the same place).
+                let (mut run_start, mut at, mut after_special) = (0, 0, true);
+                while at < text.len() {
+                    let hit = specials
+                        .iter()
+                        .filter(|(t, _)| text[at..].starts_with(t.as_str()))
+                        .max_by_key(|(t, _)| t.len());
+                    match hit {
+                        Some((t, id)) => {
+                            if run_start < at {
+                                spm.encode_run(&text[run_start..at], after_special, &mut ids);
+                            }
+                            ids.push(*id);
+                            at += t.len();
+                            run_start = at;
+                            after_special = true;
+                        }
+                        None => at += text[at..].chars().next().map_or(1, char::len_utf8),
+                    }
+                }
+                if run_start < text.len() {
+                    spm.encode_run(&text[run_start..], after_special, &mut ids);
+                }
+            }
+        }
         Ok(ids)
     }
 

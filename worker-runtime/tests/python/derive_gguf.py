@@ -7,6 +7,10 @@
   derive_gguf.py qwen2 SRC DST
       the same weights as a `qwen2` file: metadata under `qwen2.`, the `qwen2` pre-tokenizer,
       and random Q/K/V biases (seeded); llama.cpp runs it with Qwen2's NeoX-style RoPE
+  derive_gguf.py spm SRC DST
+      the same weights with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, as
+      Llama 2 and Mistral files have): the byte-level BPE pieces as text with `▁` for spaces,
+      scored by rank, 256 `<0xXX>` byte pieces in place of ids 3..259, no merges
 """
 import math
 import sys
@@ -34,14 +38,15 @@ def llama3_factors(base, head_dim, factor, original_context, low=1.0, high=4.0):
     return np.array(out, dtype=np.float32)
 
 
-def copy(src, dst, arch=None, rename=lambda key: key, overrides=None):
-    """A writer holding `src`'s metadata (keys renamed, values overridden) and tensors."""
+def copy(src, dst, arch=None, rename=lambda key: key, overrides=None, drop=()):
+    """A writer holding `src`'s metadata (keys renamed, values overridden, some dropped) and
+    tensors."""
     r = GGUFReader(src)
     arch = arch or r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, arch)
     overrides = overrides or {}
     for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -86,11 +91,63 @@ def qwen2(src, dst):
     finish(w)
 
 
+def gpt2_byte_decoder():
+    """GPT-2's printable character -> byte table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def spm(src, dst):
+    r = GGUFReader(src)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    dec = gpt2_byte_decoder()
+    pieces, kinds, seen = [], [], set()
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if 3 <= i < 259:
+            piece, kind = f"<0x{i - 3:02X}>", 6
+        elif kind == 3:
+            piece, kind = t, 3
+        else:
+            try:
+                piece = bytes(dec[c] for c in t).decode("utf-8").replace(" ", "\u2581")
+                kind = 1
+            except (KeyError, UnicodeDecodeError):
+                piece = None
+            if piece is None or piece in seen:
+                piece, kind = f"<unused{i}>", 5
+        seen.add(piece)
+        pieces.append(piece)
+        kinds.append(kind)
+    overrides = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": pieces,
+        "tokenizer.ggml.token_type": kinds,
+    }
+    _, w = copy(src, dst, overrides=overrides,
+                drop=("tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.chat_template",
+                      "tokenizer.ggml.add_space_prefix"))
+    scores = [-float(i) for i in range(len(pieces))]
+    w.add_key_value("tokenizer.ggml.scores", scores, GGUFValueType.ARRAY,
+                    sub_type=GGUFValueType.FLOAT32)
+    w.add_key_value("tokenizer.ggml.add_space_prefix", True, GGUFValueType.BOOL)
+    finish(w)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "rope-freqs":
         rope_freqs(args[0], args[1], float(args[2]), float(args[3]))
     elif cmd == "qwen2":
         qwen2(args[0], args[1])
+    elif cmd == "spm":
+        spm(args[0], args[1])
     else:
         sys.exit(f"unknown command {cmd!r}")
