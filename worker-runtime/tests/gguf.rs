@@ -323,3 +323,37 @@ fn garbage_never_panics() {
         let _ = Gguf::from_bytes(b);
     }
 }
+
+/// A byte-level BPE vocabulary of three tokens and one merge, with pre-tokenizer `pre`.
+fn vocab_file(pre: &str) -> Gguf {
+    let mut w = good();
+    let strs = |items: &[&str]| {
+        let mut b = Vec::new();
+        b.extend(8u32.to_le_bytes());
+        b.extend((items.len() as u64).to_le_bytes());
+        for it in items {
+            s(&mut b, it);
+        }
+        b
+    };
+    w.kv_str("tokenizer.ggml.model", "gpt2")
+        .kv_str("tokenizer.ggml.pre", pre)
+        .kv("tokenizer.ggml.tokens", 9, &strs(&["a", "b", "ab"]))
+        .kv("tokenizer.ggml.merges", 9, &strs(&["a b"]));
+    Gguf::from_bytes(w.build()).expect("valid")
+}
+
+#[test]
+fn a_pre_tokenizer_we_do_not_know_is_refused_by_name() {
+    use whaleflux_worker::model::tokenizer::ModelTokenizer;
+    let tk = ModelTokenizer::from_gguf(&vocab_file("qwen2")).expect("qwen2 is known");
+    assert_eq!(tk.encode("ab").expect("encode"), vec![2]);
+    let e = ModelTokenizer::from_gguf(&vocab_file("deepseek-llm"))
+        .err()
+        .expect("an unknown pre-tokenizer is an error")
+        .to_string();
+    assert!(
+        e.contains("tokenizer.ggml.pre") && e.contains("\"deepseek-llm\" is not supported"),
+        "{e}"
+    );
+}

@@ -240,6 +240,8 @@ impl ModelTokenizer {
             .build()
             .map_err(|e| TokenizerError::Backend(e.to_string()))?;
         let mut tk = Tokenizer::new(bpe);
+        // Without the key llama.cpp takes GPT-2's; a name it knows and we do not is refused
+        // rather than tokenized some other way.
         let pre = g
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
@@ -264,7 +266,17 @@ impl ModelTokenizer {
                 Sequence::new(vec![split(LLAMA3_RE)?, bl_noregex]).into()
             }
             "qwen2" => Sequence::new(vec![split(QWEN2_RE)?, bl_noregex]).into(),
-            _ => Sequence::new(vec![split(GPT2_RE)?, bl_noregex]).into(),
+            "default" | "gpt2" | "gpt-2" => Sequence::new(vec![split(GPT2_RE)?, bl_noregex]).into(),
+            other => {
+                return Err(meta(
+                    "tokenizer.ggml.pre",
+                    &format!(
+                        "pre-tokenizer {other:?} is not supported (llama-bpe, llama3, \
+                         smaug-bpe, qwen2, smollm, starcoder, refact, codeshell, command-r, \
+                         gpt2 and default are)"
+                    ),
+                ));
+            }
         };
         tk.with_pre_tokenizer(Some(pre_tok));
         tk.with_decoder(Some(ByteLevel::default()));
