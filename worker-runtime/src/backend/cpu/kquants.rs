@@ -630,6 +630,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::kernels::tests::data;
 
     const TYPES: [GgmlType; 5] = [
         GgmlType::Q2_K,
@@ -638,18 +639,6 @@ mod tests {
         GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
-
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % 20_000) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Random bytes with sane f16 factors: every bit pattern of the packed fields is exercised.
     fn random_blocks(ty: GgmlType, nb: usize, seed: u64) -> Vec<u8> {

@@ -386,11 +386,12 @@ pub(crate) fn scalar_dot(
 mod avx2;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::cpu::quantize_row;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
+    /// Values in [-1, 1) from a seeded xorshift (the kernels' tests share it).
+    pub(crate) fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {
