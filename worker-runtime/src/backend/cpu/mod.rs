@@ -7,15 +7,16 @@ mod kernels;
 mod kquants;
 mod ops;
 mod pool;
+mod rope;
 
 pub use kernels::{
     Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4xt, flavour, has_avx2, quantize_acts,
 };
 pub use kquants::{KActs, QK_K, quantize_acts_k};
 pub use ops::{
-    AttnScratch, DotOrder, RopeFreqs, attend, attend_f32, expf, rms_norm, rope, silu, swiglu,
-    swiglu_fast,
+    AttnScratch, DotOrder, attend, attend_f32, expf, rms_norm, silu, swiglu, swiglu_fast,
 };
+pub use rope::{RopeFreqs, rope};
 
 use std::sync::OnceLock;
 
