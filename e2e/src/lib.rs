@@ -305,22 +305,41 @@ pub fn output_within(
     }
 }
 
-/// A minimal blocking HTTP/1.1 GET of `path` on `addr` (`host:port`), for tests and benchmarks
-/// that read the operator's or a worker's endpoints; (status, body), `None` when it fails.
+/// GET `path` from `addr` over plain HTTP/1.1: the status and body, `None` when nothing
+/// answers within 10 s.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[], "", Duration::from_secs(10)).map(|(c, _, b)| (c, b))
+}
+
+/// One HTTP/1.1 exchange on a fresh connection (a JSON body, `headers` added): the status, the
+/// head lowercased and the body; `None` when nothing listens or no full answer comes within
+/// `wait`.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    wait: Duration,
+) -> Option<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    Some((code, head.to_ascii_lowercase(), body.to_string()))
 }
 
 /// A kubeconfig for the server at `addr`, authenticating as [`ADMIN_USER`].

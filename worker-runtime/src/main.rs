@@ -2,16 +2,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use whaleflux_crds::WorkerConfig;
 use whaleflux_worker::engine::sampling::argmax;
 use whaleflux_worker::engine::{KvCache, SeqInput};
 use whaleflux_worker::health::MonitorConfig;
 use whaleflux_worker::metrics::Metrics;
 use whaleflux_worker::server::{AppState, router};
-use whaleflux_worker::{Runtime, ServeOptions};
+use whaleflux_worker::{Runtime, ServeOptions, Worker};
 
 #[derive(Parser)]
 #[command(name = "whaleflux-worker", about = "WhaleFlux LLM worker")]
@@ -66,6 +67,21 @@ enum Cmd {
         /// the file exists: the kubelet creates it in every container).
         #[arg(long, value_name = "FILE", default_value = whaleflux_crds::worker::TERMINATION_LOG)]
         termination_log: PathBuf,
+        /// An API key clients must send as `Authorization: Bearer KEY` to use `/v1/*`
+        /// (repeatable; the environment variable holds one or more, comma-separated). None: the
+        /// API is open. `/healthz`, `/readyz` and `/metrics` never need one.
+        #[arg(
+            long,
+            value_name = "KEY",
+            env = "WHALEFLUX_API_KEY",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        api_key: Vec<String>,
+        /// Seconds a SIGTERM/SIGINT waits for the requests in flight to finish before the
+        /// worker exits anyway.
+        #[arg(long, default_value_t = 30)]
+        drain_seconds: u64,
     },
     /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
     /// each against one rank in the same run); prints JSON.
@@ -104,7 +120,7 @@ enum Cmd {
 }
 
 /// Read a worker configuration and find this process's stage.
-fn read_config(path: &std::path::Path) -> anyhow::Result<(whaleflux_crds::WorkerConfig, usize)> {
+fn read_config(path: &std::path::Path) -> anyhow::Result<(WorkerConfig, usize)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the worker config {}", path.display()))?;
     let cfg: whaleflux_crds::WorkerConfig = serde_json::from_str(&text)
@@ -125,9 +141,17 @@ fn read_config(path: &std::path::Path) -> anyhow::Result<(whaleflux_crds::Worker
     Ok((cfg, stage as usize))
 }
 
+/// Set once a drain has finished and the process is stopping on purpose: a peer connection that
+/// closes now is the group shutting down, not a failure.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Log why the group failed and exit non-zero, so the supervisor (kubelet or `whaleflux run`)
 /// restarts the group.
 fn die(reason: &str) -> ! {
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!(reason, "a peer went away while the group shut down");
+        std::process::exit(0);
+    }
     tracing::error!(reason, "the replica group failed; exiting");
     whaleflux_worker::comm::tcp::abort_all(reason);
     eprintln!("whaleflux-worker: the replica group failed: {reason}");
@@ -137,68 +161,163 @@ fn die(reason: &str) -> ! {
     std::process::exit(whaleflux_crds::worker::EXIT_GROUP_FAILED)
 }
 
-/// Serve one process of a replica group from its rendered configuration.
-async fn serve_config(
-    path: &std::path::Path,
-    host: &str,
+/// How the HTTP side of a worker runs, from its flags.
+struct HttpOptions {
+    host: String,
     max_body: usize,
+    api_keys: Vec<String>,
+    drain: Duration,
+}
+
+/// SIGTERM and SIGINT, watched from the process's start: as a container's PID 1 the worker has
+/// no default action for them, and one that arrives while the model loads must not be lost.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM; the worker stops only when killed"))
+            .ok();
+        Self { term }
+    }
+
+    /// Resolves with the signal's name.
+    async fn recv(&mut self) -> &'static str {
+        let term = async {
+            match self.term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = term => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    }
+}
+
+/// Serve one worker process: listen at once (`/healthz` answers while the model loads), bring
+/// the worker up, serve, and on SIGTERM/SIGINT drain: `/readyz` 503 and new generations 503
+/// at once, the ones in flight finished (streams included) within `drain`, then the group shut
+/// down cleanly and exit 0. Every worker, whole-model or one rank of a group, runs this.
+async fn serve(
+    cfg: WorkerConfig,
+    stage: usize,
+    http: HttpOptions,
     health: MonitorConfig,
+    mut signals: StopSignals,
 ) -> anyhow::Result<()> {
-    let (cfg, stage) = read_config(path)?;
-    let port = u16::try_from(cfg.ports.http).with_context(|| {
-        format!(
-            "{}: ports.http {} is not a port",
-            path.display(),
-            cfg.ports.http
-        )
-    })?;
+    let port = u16::try_from(cfg.ports.http)
+        .with_context(|| format!("ports.http {} is not a port", cfg.ports.http))?;
+    let host = http.host.as_str();
     let name = cfg.model.served_name.clone();
     let hook: whaleflux_worker::comm::tcp::FailHook = Arc::new(|e| die(&e.to_string()));
-    let group = whaleflux_worker::GroupProcess::new(cfg, stage, host, Some(hook))
-        .context("cannot join the replica group")?;
+    let worker =
+        Worker::new(cfg, stage, host, Some(hook)).context("cannot join the replica group")?;
     let metrics = Arc::new(Metrics::new());
     whaleflux_worker::health::spawn(health, metrics.clone())?;
-    let state = AppState::new(name.clone(), metrics.clone());
+    let state = AppState::new(name.clone(), metrics.clone(), &http.api_keys);
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
-    tracing::info!(addr = %listener.local_addr()?, model = %name, stage, api = group.serves_api(), "listening");
-    let app = router(state.clone(), max_body);
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let started =
-        tokio::task::spawn_blocking(move || group.start(metrics, Arc::new(|e: String| die(&e))))
-            .await?;
-    match started {
-        Ok(Some(loaded)) => {
+    tracing::info!(addr = %listener.local_addr()?, model = %name, stage, api = worker.serves_api(), keys = http.api_keys.len(), "listening");
+    let app = router(state.clone(), http.max_body);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+    let mut start =
+        tokio::task::spawn_blocking(move || worker.start(metrics, Arc::new(|e: String| die(&e))));
+    let started = tokio::select! {
+        s = &mut start => s?,
+        which = signals.recv() => {
+            // Nothing is in flight while the model loads.
+            tracing::info!(signal = which, "stopping while loading");
+            std::process::exit(0);
+        }
+        r = &mut server => return r?.context("the HTTP server stopped"),
+    };
+    let mut started = started.unwrap_or_else(|e| die(&e.to_string()));
+    let engine = started.api.as_ref().map(|l| l.engine.clone());
+    match started.api.take() {
+        Some(loaded) => {
             let _ = state.loaded.set(loaded);
             tracing::info!("group connected and loaded, serving the API");
         }
-        Ok(None) => {
+        None => {
             state
                 .peer_ready
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             tracing::info!("rank connected and loaded");
         }
-        Err(e) => die(&format!("{e}")),
     }
-    server.await??;
-    Ok(())
-}
-
-/// Exits 0 on SIGTERM or SIGINT (a pod's stop, Ctrl-C, `whaleflux run` stopping its group).
-/// Requests in flight end with the process; draining them first is the hardening issue's.
-async fn exit_on_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        tracing::warn!("cannot watch SIGTERM; the worker stops only when killed");
-        return;
+    // Serve until a stop signal, or until the group shuts down under a rank that serves no API
+    // (its API rank drained and stopped).
+    let which = loop {
+        tokio::select! {
+            which = signals.recv() => break which,
+            r = &mut server => return r?.context("the HTTP server stopped"),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if engine.is_none() && started.ranks_done() {
+                    break "the group's shutdown";
+                }
+            }
+        }
     };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    let t0 = Instant::now();
+    state.gate.start_draining();
+    tracing::info!(
+        cause = which,
+        in_flight = state.gate.in_flight(),
+        drain_seconds = http.drain.as_secs_f64(),
+        "draining"
+    );
+    let drained = match &engine {
+        Some(_) => tokio::time::timeout(http.drain, state.gate.idle())
+            .await
+            .is_ok(),
+        // A rank without the API keeps computing for its group until the API rank, draining
+        // too, shuts the group down.
+        None => {
+            let wait = async {
+                while !started.ranks_done() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            tokio::time::timeout(http.drain, wait).await.is_ok()
+        }
     };
-    tracing::info!(signal = which, "stopping");
-    std::process::exit(0);
+    if drained {
+        tracing::info!(seconds = t0.elapsed().as_secs_f64(), "drained");
+    } else {
+        tracing::warn!(
+            in_flight = state.gate.in_flight(),
+            "the drain timed out; stopping with work in flight"
+        );
+    }
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(e) = &engine {
+        // Tells the group's other ranks to shut down, so they exit 0 too.
+        e.stop();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !(e.stopped() && started.ranks_done()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let the last answers' bytes leave before the process ends.
+    let _ = stop_http.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    tracing::info!("stopped");
+    std::process::exit(0)
 }
 
 #[tokio::main]
@@ -225,6 +344,8 @@ async fn main() -> anyhow::Result<()> {
             nvml_library,
             gpu_sample_seconds,
             termination_log,
+            api_key,
+            drain_seconds,
         } => {
             let health = MonitorConfig {
                 library: nvml_library,
@@ -233,40 +354,34 @@ async fn main() -> anyhow::Result<()> {
             };
             // Installed before the model loads: a SIGTERM that arrives earlier would be lost,
             // and as a container's PID 1 the worker has no default action for it.
-            tokio::spawn(exit_on_signal());
-            let model = match (model, config) {
-                (_, Some(path)) => return serve_config(&path, &host, max_body, health).await,
-                (Some(m), None) => m,
+            let signals = StopSignals::install();
+            let http = HttpOptions {
+                host,
+                max_body,
+                api_keys: api_key,
+                drain: Duration::from_secs(drain_seconds),
+            };
+            let (cfg, stage) = match (model, config) {
+                (_, Some(path)) => read_config(&path)?,
+                (Some(model), None) => {
+                    let name = model_name.unwrap_or_else(|| {
+                        model
+                            .file_stem()
+                            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+                    });
+                    let opts = ServeOptions {
+                        threads,
+                        context: ctx,
+                        max_batch,
+                        max_queue,
+                    };
+                    let cfg = Worker::single_config(&model, &name, port, &opts)
+                        .context("cannot load the model")?;
+                    (cfg, 0)
+                }
                 (None, None) => anyhow::bail!("give --model FILE or --config FILE"),
             };
-            let name = model_name.unwrap_or_else(|| {
-                model
-                    .file_stem()
-                    .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-            });
-            let metrics = Arc::new(Metrics::new());
-            whaleflux_worker::health::spawn(health, metrics.clone())?;
-            let state = AppState::new(name.clone(), metrics.clone());
-            let listener = tokio::net::TcpListener::bind((host.as_str(), port))
-                .await
-                .with_context(|| format!("cannot listen on {host}:{port}"))?;
-            tracing::info!(addr = %listener.local_addr()?, model = %name, "listening");
-            let app = router(state.clone(), max_body);
-            let server = tokio::spawn(async move { axum::serve(listener, app).await });
-            let opts = ServeOptions {
-                threads,
-                context: ctx,
-                max_batch,
-                max_queue,
-            };
-            let loaded = tokio::task::spawn_blocking(move || {
-                Runtime::load(&model, threads).and_then(|rt| rt.start(&opts, metrics))
-            })
-            .await?
-            .context("cannot load the model")?;
-            let _ = state.loaded.set(loaded);
-            tracing::info!("model loaded, ready");
-            server.await??;
+            serve(cfg, stage, http, health, signals).await?;
         }
         Cmd::BenchShard {
             model,

@@ -8,116 +8,30 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::procs::{WorkerProc, streamed_completion};
 use whaleflux_e2e::fake_nvml::{self, FakeNode};
-use whaleflux_e2e::http_get;
 
-/// A worker process on loopback, killed when dropped.
-struct Worker {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-    /// The worker's termination message file (created empty, as the kubelet does).
-    termination_log: PathBuf,
-}
-
-impl Worker {
-    fn start(dir: &std::path::Path, nvml: Option<(&std::path::Path, &std::path::Path)>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let log = dir.join(format!("worker-{port}.log"));
-        let termination_log = dir.join(format!("termination-{port}.log"));
-        std::fs::write(&termination_log, "").expect("termination log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whaleflux-worker"));
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--threads",
-                "1",
-                "--ctx",
-                "256",
-                "--gpu-sample-seconds",
-                "1",
-                "--model-name",
-                "smollm2",
-            ])
-            .arg("--model")
-            .arg(common::model_path())
-            .arg("--termination-log")
-            .arg(&termination_log)
-            .env_remove("WHALEFLUX_NVML_LIBRARY")
-            .env_remove(fake_nvml::STATE_ENV)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"));
-        if let Some((library, state)) = nvml {
-            cmd.arg("--nvml-library")
-                .arg(library)
-                .env(fake_nvml::STATE_ENV, state);
-        }
-        let w = Self {
-            child: cmd.spawn().expect("whaleflux-worker starts"),
-            addr: format!("127.0.0.1:{port}"),
-            log,
-            termination_log,
-        };
-        w.wait_for("/healthz answers", |w| w.get("/healthz").is_some());
-        w
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        http_get(&self.addr, path)
-            .filter(|(code, _)| *code == 200)
-            .map(|(_, body)| body)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (up to 30 s) for the worker to exit by itself.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("worker status") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not stop in 30 s:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn metrics(&self) -> String {
-        self.get("/metrics").unwrap_or_default()
-    }
-
-    fn wait_for(&self, what: &str, ok: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; /metrics:\n{}\nlog:\n{}",
-                self.metrics(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A worker sampling its GPUs every second through the NVML `library` reading `state`, and its
+/// termination message file (created empty, as the kubelet does).
+fn start(dir: &Path, library: &Path, state: &Path) -> (WorkerProc, PathBuf) {
+    let termination_log = dir.join(format!("termination-{}.log", common::procs::free_port()));
+    std::fs::write(&termination_log, "").expect("termination log");
+    let w = WorkerProc::start(
+        dir,
+        &[
+            "--gpu-sample-seconds".as_ref(),
+            "1".as_ref(),
+            "--termination-log".as_ref(),
+            termination_log.as_os_str(),
+            "--nvml-library".as_ref(),
+            library.as_os_str(),
+        ],
+        &[(fake_nvml::STATE_ENV, state.to_str().expect("utf-8 path"))],
+    );
+    (w, termination_log)
 }
 
 /// `name{gpu="i",uuid=..,model=..,key="value"}` for GPU `i` of `node`, as the worker prints it.
@@ -152,7 +66,7 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     let mut node = FakeNode::h100s(2);
     node.gpus[1].throttle_reasons = 0x4; // a software power cap: normal operation
     node.write(&state).expect("state written");
-    let mut w = Worker::start(&dir, Some((&library, &state)));
+    let (mut w, termination_log) = start(&dir, &library, &state);
 
     w.wait_for("both GPUs sampled", |w| {
         w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
@@ -276,7 +190,7 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     // XID 79 (fell off the bus) is fatal: the rank stops, exit status 4, the reason naming
     // the GPU in the termination message; a streamed answer in flight ends with an error event
     // naming it, never a clean end.
-    let (started, answer) = streamed_completion(&w.addr);
+    let (started, answer) = streamed_completion(&w.addr, 200, &[]);
     if started.recv_timeout(Duration::from_secs(120)).is_err() {
         let (body, _) = answer.join().expect("request thread");
         panic!("no streamed token before the fault: {body}");
@@ -302,9 +216,9 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         "the last event must be the error: {body}"
     );
     assert!(!body.contains("[DONE]"), "{body}");
-    let status = w.wait_exit();
+    let status = w.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(4), "{}", w.log_text());
-    let message = std::fs::read_to_string(&w.termination_log).unwrap_or_default();
+    let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
     assert!(
         message.contains("GPU 0")
             && message.contains(&node.gpus[0].uuid)
@@ -315,15 +229,15 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     // An uncorrected ECC error on GPU 1 of a fresh worker: the same, with its own reason.
     let mut node = FakeNode::h100s(2);
     node.write(&state).expect("state written");
-    let mut w = Worker::start(&dir, Some((&library, &state)));
+    let (mut w, termination_log) = start(&dir, &library, &state);
     w.wait_for("both GPUs sampled", |w| {
         w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
     });
     node.gpus[1].ecc_uncorrected_volatile = 2;
     node.write(&state).expect("state written");
-    let status = w.wait_exit();
+    let status = w.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(4), "{}", w.log_text());
-    let message = std::fs::read_to_string(&w.termination_log).unwrap_or_default();
+    let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
     assert!(
         message.contains("GPU 1") && message.contains("ecc_uncorrected"),
         "termination message: {message:?}"
@@ -335,12 +249,10 @@ fn a_worker_reports_its_gpus_and_their_faults() {
 fn without_nvml_the_worker_serves_and_says_no_gpu() {
     let dir = scratch().join("none");
     std::fs::create_dir_all(&dir).expect("dir");
-    let w = Worker::start(
+    let (w, _) = start(
         &dir,
-        Some((
-            &dir.join("libnvidia-ml-missing.so"),
-            &dir.join("none.state"),
-        )),
+        &dir.join("libnvidia-ml-missing.so"),
+        &dir.join("none.state"),
     );
     w.wait_for("the sampler's answer", |w| {
         w.get("/healthz")
@@ -351,43 +263,4 @@ fn without_nvml_the_worker_serves_and_says_no_gpu() {
     assert!(!m.contains("whaleflux_gpu_temperature_celsius{"), "{m}");
     assert!(m.contains("whaleflux_worker_requests"), "{m}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Starts a long streamed completion on `addr` in a thread: the receiver hears when the first
-/// token arrived; the thread returns the whole response and when it ended.
-fn streamed_completion(
-    addr: &str,
-) -> (
-    std::sync::mpsc::Receiver<()>,
-    std::thread::JoinHandle<(String, Instant)>,
-) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let addr = addr.to_string();
-    let handle = std::thread::spawn(move || {
-        let body = r#"{"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": true}"#;
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        write!(
-            s,
-            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("request");
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        let mut told = false;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-            if !told && String::from_utf8_lossy(&out).contains("\"text\"") {
-                told = true;
-                let _ = tx.send(());
-            }
-        }
-        (String::from_utf8_lossy(&out).into_owned(), Instant::now())
-    });
-    (rx, handle)
 }

@@ -10,13 +10,13 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use whaleflux_worker::metrics::Metrics;
 use whaleflux_worker::server::{AppState, router};
-use whaleflux_worker::{Runtime, ServeOptions};
+use whaleflux_worker::{ServeOptions, Worker};
 
 const MODEL: &str = "smollm2";
 
 async fn start(max_batch: usize, max_queue: usize) -> (SocketAddr, Arc<AppState>) {
     let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(MODEL.into(), metrics.clone());
+    let state = AppState::new(MODEL.into(), metrics.clone(), &[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -29,9 +29,13 @@ async fn start(max_batch: usize, max_queue: usize) -> (SocketAddr, Arc<AppState>
         max_batch,
         max_queue,
     };
-    let loaded = Runtime::load(&common::model_path(), 2)
-        .and_then(|rt| rt.start(&opts, metrics))
-        .expect("load");
+    let cfg =
+        Worker::single_config(&common::model_path(), MODEL, addr.port(), &opts).expect("config");
+    let loaded = Worker::new(cfg, 0, "127.0.0.1", None)
+        .and_then(|w| w.start(metrics, Arc::new(|e| panic!("the engine failed: {e}"))))
+        .expect("load")
+        .api
+        .expect("a whole-model worker serves the API");
     assert!(state.loaded.set(loaded).is_ok());
     (addr, state)
 }
@@ -281,7 +285,7 @@ async fn completions_chat_streaming_logprobs_and_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_loaded() {
-    let state = AppState::new(MODEL.into(), Arc::new(Metrics::new()));
+    let state = AppState::new(MODEL.into(), Arc::new(Metrics::new()), &[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -142,6 +142,13 @@ impl TcpConn {
                                 detail: format!("it failed: {reason}"),
                             };
                         }
+                        // The peer shut the group down cleanly: what follows (its end of the
+                        // connection closing) is not a failure.
+                        Ok(Some(Msg::Shutdown)) => {
+                            r_closed.store(true, Ordering::SeqCst);
+                            let _ = tx.send(Ok(Msg::Shutdown));
+                            return;
+                        }
                         Ok(Some(m)) => {
                             if tx.send(Ok(m)).is_err() {
                                 return;
@@ -287,7 +294,11 @@ fn verify(
 }
 
 /// Dialer side: say who we are, check the listener knows the secret, prove we do.
-fn handshake_dial(s: &mut TcpStream, me: RankId, opts: &TcpOptions) -> Result<(), String> {
+pub fn handshake_dial<S: Read + Write>(
+    s: &mut S,
+    me: RankId,
+    opts: &TcpOptions,
+) -> Result<(), String> {
     let nd: [u8; NONCE] = rand::random();
     let mut hello = Vec::with_capacity(45);
     hello.extend_from_slice(MAGIC);
@@ -316,7 +327,7 @@ fn handshake_dial(s: &mut TcpStream, me: RankId, opts: &TcpOptions) -> Result<()
 }
 
 /// Listener side: read who dials, prove we know the secret, check they do.
-fn handshake_accept(s: &mut TcpStream, opts: &TcpOptions) -> Result<RankId, String> {
+pub fn handshake_accept<S: Read + Write>(s: &mut S, opts: &TcpOptions) -> Result<RankId, String> {
     let mut hello = [0u8; 4 + 1 + 12 + NONCE];
     s.read_exact(&mut hello)
         .map_err(|e| format!("no hello: {e}"))?;

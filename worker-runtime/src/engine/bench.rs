@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::group::{GroupError, load_rank, local_group, spawn_follower};
+use super::group::{load_rank, local_group, spawn_follower};
 use super::pipeline::{Executor, Leader, Rank};
 use super::sampling::{SamplingParams, argmax};
 use super::scheduler::{Event, GenRequest, SchedulerConfig, spawn};
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::bringup::StartError;
 use crate::comm::tcp::{PeerEndpoint, TcpGroup, TcpOptions, connect, listen};
 use crate::comm::{Link, RankId, Timed};
 use crate::metrics::Metrics;
@@ -23,7 +24,7 @@ use crate::model::tokenizer::ModelTokenizer;
 use crate::shard::fixed_plan;
 
 /// Milliseconds per decoded token of one sequence after a short prompt.
-fn per_token_ms(exec: &mut dyn Executor, prompt: &[u32], tokens: usize) -> Result<f64, GroupError> {
+fn per_token_ms(exec: &mut dyn Executor, prompt: &[u32], tokens: usize) -> Result<f64, StartError> {
     exec.launch(&[(1, prompt)], &[])?;
     let mut t = argmax(&exec.finish()?[0]);
     // Warm-up steps are not timed.
@@ -43,7 +44,7 @@ fn per_token_ms(exec: &mut dyn Executor, prompt: &[u32], tokens: usize) -> Resul
 
 /// TP=3 ranks as threads of this process talking TCP over loopback (the transport of one
 /// process per TP rank).
-fn tcp_tp_group(g: &Gguf, tp: usize, nanos: Arc<AtomicU64>) -> Result<Leader, GroupError> {
+fn tcp_tp_group(g: &Gguf, tp: usize, nanos: Arc<AtomicU64>) -> Result<Leader, StartError> {
     let plan = fixed_plan(
         "bench",
         crate::model::config::LlamaConfig::from_gguf(g)?.n_layers,
@@ -141,7 +142,7 @@ fn throughput(
     tk: &Arc<ModelTokenizer>,
     n: usize,
     max_tokens: usize,
-) -> Result<f64, GroupError> {
+) -> Result<f64, StartError> {
     let engine = spawn(
         exec,
         tk.clone(),
@@ -162,7 +163,7 @@ fn throughput(
             .encode(&format!(
                 "Write a long story about the number {i}. Once upon a time"
             ))
-            .map_err(|e| GroupError::Thread(std::io::Error::other(e.to_string())))?;
+            .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))?;
         let _ = engine.submit(GenRequest {
             prompt,
             params: SamplingParams {
@@ -197,16 +198,16 @@ pub fn run(
     threads: usize,
     tokens: usize,
     concurrent: usize,
-) -> Result<Value, GroupError> {
+) -> Result<Value, StartError> {
     let tk = Arc::new(
         ModelTokenizer::from_gguf(g)
-            .map_err(|e| GroupError::Thread(std::io::Error::other(e.to_string())))?,
+            .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))?,
     );
     let n_layers = crate::model::config::LlamaConfig::from_gguf(g)?.n_layers;
     let prompt = tk
         .encode("The capital of France is")
-        .map_err(|e| GroupError::Thread(std::io::Error::other(e.to_string())))?;
-    let single = || -> Result<Leader, GroupError> {
+        .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))?;
+    let single = || -> Result<Leader, StartError> {
         let m = Arc::new(load_rank(g, &fixed_plan("bench", n_layers, 1, 1), 0, 0)?);
         Ok(Leader::single(m, Arc::new(CpuBackend::new(threads)?)))
     };

@@ -9,38 +9,16 @@ use std::time::Duration;
 
 use whaleflux_crds::Plan;
 
-use super::forward::{LlamaModel, LoadError};
+use super::forward::LlamaModel;
 use super::pipeline::{Leader, Rank};
 use crate::backend::Backend;
-use crate::backend::cpu::{CpuBackend, CpuError};
+use crate::backend::cpu::CpuBackend;
+use crate::bringup::StartError;
 use crate::comm::local::{ThreadGroup, pair};
 use crate::comm::{Collective, CommError, Link, RankId, Timed};
 use crate::model::config::LlamaConfig;
-use crate::model::gguf::{Gguf, GgufError};
-use crate::shard::{LoadOptions, ShardError, ShardSpec};
-
-/// Why a group (or a stage of it) could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum GroupError {
-    /// The model file is unusable.
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
-    /// The plan does not fit the model.
-    #[error(transparent)]
-    Shard(#[from] ShardError),
-    /// A weight does not match the model's shape.
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    /// CPU threads could not be started.
-    #[error(transparent)]
-    Cpu(#[from] CpuError),
-    /// A rank thread could not be started.
-    #[error("cannot start a rank thread: {0}")]
-    Thread(#[from] std::io::Error),
-    /// Peers failed while the group formed.
-    #[error(transparent)]
-    Comm(#[from] CommError),
-}
+use crate::model::gguf::Gguf;
+use crate::shard::{LoadOptions, ShardSpec};
 
 /// Load the shard of (`stage`, `tp_rank`) of `plan`.
 pub fn load_rank(
@@ -48,7 +26,7 @@ pub fn load_rank(
     plan: &Plan,
     stage: usize,
     tp_rank: usize,
-) -> Result<LlamaModel, GroupError> {
+) -> Result<LlamaModel, StartError> {
     load_rank_with(g, plan, stage, tp_rank, LoadOptions::default())
 }
 
@@ -59,7 +37,7 @@ pub fn load_rank_with(
     stage: usize,
     tp_rank: usize,
     opts: LoadOptions,
-) -> Result<LlamaModel, GroupError> {
+) -> Result<LlamaModel, StartError> {
     let cfg = LlamaConfig::from_gguf(g)?;
     let spec = ShardSpec::from_plan(plan, stage, tp_rank, &cfg)?;
     Ok(LlamaModel::load_with(g, spec, opts)?)
@@ -76,7 +54,7 @@ pub fn stage_threads(
     threads_per_rank: usize,
     timeout: Duration,
     reduce_nanos: Option<Arc<AtomicU64>>,
-) -> Result<Vec<Rank>, GroupError> {
+) -> Result<Vec<Rank>, StartError> {
     stage_threads_with(
         g,
         plan,
@@ -97,7 +75,7 @@ pub fn stage_threads_with(
     timeout: Duration,
     reduce_nanos: Option<Arc<AtomicU64>>,
     opts: LoadOptions,
-) -> Result<Vec<Rank>, GroupError> {
+) -> Result<Vec<Rank>, StartError> {
     let tp = usize::try_from(plan.tensor_parallel).unwrap_or(1).max(1);
     let mut ranks = Vec::with_capacity(tp);
     for r in 0..tp {
@@ -150,7 +128,7 @@ pub fn local_group(
     plan: &Plan,
     threads_per_rank: usize,
     reduce_nanos: Option<Arc<AtomicU64>>,
-) -> Result<(Leader, Vec<Follower>), GroupError> {
+) -> Result<(Leader, Vec<Follower>), StartError> {
     local_group_with(
         g,
         plan,
@@ -168,7 +146,7 @@ pub fn local_group_with(
     threads_per_rank: usize,
     reduce_nanos: Option<Arc<AtomicU64>>,
     opts: LoadOptions,
-) -> Result<(Leader, Vec<Follower>), GroupError> {
+) -> Result<(Leader, Vec<Follower>), StartError> {
     let timeout = Duration::from_secs(60);
     let pp = plan.stages.len().max(1);
     let mut stages: Vec<Vec<Rank>> = Vec::with_capacity(pp);

@@ -105,10 +105,19 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
 }
 
+/// What the engine thread receives.
+enum Work {
+    Generate(GenRequest),
+    /// Stop now (after a drain): requests still open end with an error, and the group's other
+    /// ranks are told to shut down.
+    Stop,
+}
+
 /// Cheap handle the server uses to submit work.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<GenRequest>,
+    tx: mpsc::Sender<Work>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
     metrics: Arc<Metrics>,
@@ -123,11 +132,22 @@ impl EngineHandle {
             return Err(QueueFull(prev));
         }
         self.metrics.queue_depth.set((prev + 1) as i64);
-        if self.tx.send(req).is_err() {
+        if self.tx.send(Work::Generate(req)).is_err() {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(QueueFull(prev));
         }
         Ok(())
+    }
+
+    /// Stop the engine and shut the group down (the drain's last step). Returns at once;
+    /// [`EngineHandle::stopped`] says when the engine thread has ended.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Work::Stop);
+    }
+
+    /// Whether the engine thread has ended (stopped, or its group failed).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -159,10 +179,12 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     on_fatal: Option<OnFatal>,
 ) -> std::io::Result<EngineHandle> {
-    let (tx, rx) = mpsc::channel::<GenRequest>();
+    let (tx, rx) = mpsc::channel::<Work>();
     let waiting = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handle = EngineHandle {
         tx,
+        stopped: stopped.clone(),
         waiting: waiting.clone(),
         max_queue: cfg.max_queue,
         metrics: metrics.clone(),
@@ -173,6 +195,7 @@ pub fn spawn(
             let mut exec = exec;
             let r = run(exec.as_mut(), &tokenizer, cfg, &metrics, &rx, &waiting);
             exec.shutdown();
+            stopped.store(true, Ordering::SeqCst);
             if let Err(e) = r {
                 tracing::error!(error = %e, "the engine stopped: the group failed");
                 if let Some(f) = on_fatal {
@@ -188,7 +211,7 @@ fn run(
     tk: &ModelTokenizer,
     cfg: SchedulerConfig,
     metrics: &Metrics,
-    rx: &mpsc::Receiver<GenRequest>,
+    rx: &mpsc::Receiver<Work>,
     waiting_count: &AtomicUsize,
 ) -> Result<(), crate::comm::CommError> {
     let mut waiting: VecDeque<GenRequest> = VecDeque::new();
@@ -201,12 +224,15 @@ fn run(
     loop {
         if active.is_empty() && waiting.is_empty() && in_flight.is_empty() {
             match rx.recv() {
-                Ok(r) => waiting.push_back(r),
-                Err(_) => return Ok(()),
+                Ok(Work::Generate(r)) => waiting.push_back(r),
+                Ok(Work::Stop) | Err(_) => return Ok(()),
             }
         }
-        while let Ok(r) = rx.try_recv() {
-            waiting.push_back(r);
+        while let Ok(w) = rx.try_recv() {
+            match w {
+                Work::Generate(r) => waiting.push_back(r),
+                Work::Stop => return Ok(()),
+            }
         }
         while active.len() < cfg.max_batch.max(1) {
             let Some(req) = waiting.pop_front() else {

@@ -2,6 +2,7 @@
 //! readiness and Prometheus metrics. The router is built before the model loads so `/healthz`
 //! answers at once and `/readyz` turns ready only when the engine can serve.
 
+pub mod admission;
 pub mod error;
 pub mod request;
 
@@ -27,6 +28,7 @@ use crate::engine::{EngineHandle, Event, GenRequest};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::model::chat::ChatTemplate;
 use crate::model::tokenizer::ModelTokenizer;
+use admission::{Gate, Ticket};
 use error::ApiError;
 
 /// Everything that exists once the model is loaded.
@@ -98,17 +100,21 @@ pub struct AppState {
     /// Set on a rank that serves no API (a later stage or TP rank) once it is loaded and
     /// connected to its group.
     pub peer_ready: std::sync::atomic::AtomicBool,
+    /// API keys, the drain and the generations in flight.
+    pub gate: Arc<Gate>,
     created: u64,
 }
 
 impl AppState {
-    /// State for a server whose model is still loading.
-    pub fn new(model_name: String, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// State for a server whose model is still loading; `/v1/*` needs one of `api_keys` when
+    /// any is given.
+    pub fn new(model_name: String, metrics: Arc<Metrics>, api_keys: &[String]) -> Arc<Self> {
         Arc::new(Self {
             model_name,
             loaded: OnceLock::new(),
             metrics,
             peer_ready: std::sync::atomic::AtomicBool::new(false),
+            gate: Arc::new(Gate::new(api_keys)),
             created: now(),
         })
     }
@@ -143,11 +149,16 @@ async fn healthz(State(st): State<Arc<AppState>>) -> String {
 
 /// The router, with a request-body limit in bytes.
 pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
-    Router::new()
+    // Model output needs a key (when keys are set); health and metrics carry none.
+    let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/healthz", get(healthz))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::require_key,
+        ));
+    api.route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
@@ -174,6 +185,8 @@ async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if let Some(fault) = st.metrics.gpu.fatal() {
         (StatusCode::SERVICE_UNAVAILABLE, fault.to_string()).into_response()
+    } else if st.gate.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
         "ready".into_response()
     } else {
@@ -388,6 +401,7 @@ async fn respond(
     prompt_tokens: usize,
     want_logprobs: bool,
     common: &request::Common,
+    ticket: Ticket,
 ) -> Result<Response, ApiError> {
     let (id, created, model) = (
         request_id(if kind == Kind::Chat {
@@ -408,9 +422,11 @@ async fn respond(
             prompt_tokens,
             want_logprobs,
             common.include_usage,
+            ticket,
         ));
     }
     let c = collect(rx).await?;
+    drop(ticket);
     let choice = match kind {
         Kind::Completion => json!({
             "index": 0, "text": c.text, "finish_reason": c.finish,
@@ -433,6 +449,8 @@ async fn respond(
 
 struct StreamState {
     rx: UnboundedReceiver<Event>,
+    /// Counts the stream in flight until its last event is produced (or the client leaves).
+    _ticket: Ticket,
     out: VecDeque<String>,
     finished: bool,
     text_offset: usize,
@@ -448,6 +466,7 @@ fn stream(
     prompt_tokens: usize,
     want_logprobs: bool,
     include_usage: bool,
+    ticket: Ticket,
 ) -> Response {
     let object = if kind == Kind::Chat {
         "chat.completion.chunk"
@@ -471,6 +490,7 @@ fn stream(
     }
     let init = StreamState {
         rx,
+        _ticket: ticket,
         out,
         finished: false,
         text_offset: 0,
@@ -489,6 +509,8 @@ fn stream(
                 ));
             }
             if st.finished {
+                // Dropping the state here ends the ticket with the last event, not later.
+                drop(st);
                 return None;
             }
             let ev = tokio::select! {
@@ -571,6 +593,7 @@ async fn completions(
 ) -> Response {
     let r = async {
         let body = body.map_err(body_error)?;
+        let ticket = st.gate.admit()?;
         let l = loaded(&st)?;
         let m = request::parse_object(&body)?;
         request::check_model(&m, &st.model_name)?;
@@ -591,7 +614,16 @@ async fn completions(
                 prompt_param: "prompt",
             },
         )?;
-        respond(&st, Kind::Completion, rx, n, logprobs.is_some(), &common).await
+        respond(
+            &st,
+            Kind::Completion,
+            rx,
+            n,
+            logprobs.is_some(),
+            &common,
+            ticket,
+        )
+        .await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)
@@ -603,6 +635,7 @@ async fn chat_completions(
 ) -> Response {
     let r = async {
         let body = body.map_err(body_error)?;
+        let ticket = st.gate.admit()?;
         let l = loaded(&st)?;
         let m = request::parse_object(&body)?;
         request::check_model(&m, &st.model_name)?;
@@ -629,7 +662,7 @@ async fn chat_completions(
                 prompt_param: "messages",
             },
         )?;
-        respond(&st, Kind::Chat, rx, n, logprobs.is_some(), &common).await
+        respond(&st, Kind::Chat, rx, n, logprobs.is_some(), &common, ticket).await
     }
     .await;
     r.unwrap_or_else(IntoResponse::into_response)

@@ -109,8 +109,45 @@ pub fn check_model(m: &Map<String, Value>, served: &str) -> Result<(), ApiError>
     }
 }
 
+/// The longest stop string accepted, in bytes: each one is searched for after every token.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// OpenAI fields this server does not implement, each with the value that asks for nothing
+/// (accepted, since some clients always send it). Any other value is refused by name rather
+/// than ignored: a client that sends it expects its effect.
+fn not_implemented(k: &str, v: &Value) -> bool {
+    let neutral = match k {
+        "best_of" => v.as_i64() == Some(1),
+        "tools" => v.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" => v.as_str() == Some("none"),
+        "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
+        "logit_bias" => v.as_object().is_some_and(Map::is_empty),
+        "suffix" => v.as_str() == Some(""),
+        _ => return false,
+    };
+    !neutral
+}
+
 /// Fields shared by both endpoints; `max_tokens_keys` lists the accepted spellings.
 pub fn common(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Common, ApiError> {
+    for k in [
+        "best_of",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "logit_bias",
+        "suffix",
+    ] {
+        if let Some(v) = present(m, k)
+            && not_implemented(k, v)
+        {
+            return Err(ApiError::invalid(
+                k,
+                format!("'{k}' is not supported by this server; remove it from the request"),
+            )
+            .with(StatusCode::BAD_REQUEST, "unsupported_parameter"));
+        }
+    }
     let temperature = number(m, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
     let top_p = number(m, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
     let top_k = integer(m, "top_k", 0, 1 << 20)?.unwrap_or(0) as usize;
@@ -161,6 +198,15 @@ pub fn common(m: &Map<String, Value>, max_tokens_keys: &[&str]) -> Result<Common
             ));
         }
     };
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop string is {} bytes; at most {MAX_STOP_BYTES} are allowed",
+                long.len()
+            ),
+        ));
+    }
     let stream = boolean(m, "stream")?;
     let include_usage = match present(m, "stream_options") {
         None => false,

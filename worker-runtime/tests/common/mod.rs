@@ -52,3 +52,4 @@ pub fn derive_gguf(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+pub mod procs;
