@@ -121,6 +121,14 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         (ch, json!({"model": MODEL, "messages": "hi"}).to_string().into_bytes(), 400, json!("messages")),
         (ch, json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).to_string().into_bytes(), 400, json!("messages[0].role")),
         (ch, json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string().into_bytes(), 400, json!("top_logprobs")),
+        // Fields we do not implement are refused by name, never silently ignored.
+        (c, json!({"model": MODEL, "prompt": "x", "best_of": 3}).to_string().into_bytes(), 400, json!("best_of")),
+        (c, json!({"model": MODEL, "prompt": "x", "suffix": " end"}).to_string().into_bytes(), 400, json!("suffix")),
+        (c, json!({"model": MODEL, "prompt": "x", "logit_bias": {"42": 5}}).to_string().into_bytes(), 400, json!("logit_bias")),
+        (ch, json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string().into_bytes(), 400, json!("tools")),
+        (ch, json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}).to_string().into_bytes(), 400, json!("tool_choice")),
+        (ch, json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}).to_string().into_bytes(), 400, json!("response_format")),
+        (c, json!({"model": MODEL, "prompt": "x", "stop": ["y".repeat(257)]}).to_string().into_bytes(), 400, json!("stop")),
     ];
     for (path, body, want_status, want_param) in cases {
         let (st, _, text) = http(addr, "POST", path, &body).await;
@@ -149,6 +157,11 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(v["usage"]["prompt_tokens"], 5);
     assert_eq!(v["usage"]["completion_tokens"], 3);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // Their neutral values (sent by some clients always) ask for nothing and are accepted.
+    let (st, v) = post(addr, c, &json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1, "best_of": 1, "suffix": "", "logit_bias": {}, "stop": ["y".repeat(256)]})).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = post(addr, ch, &json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}})).await;
+    assert_eq!(st, 200, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
