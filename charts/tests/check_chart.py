@@ -59,11 +59,13 @@ NO_CLUSTER = "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: [
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 WORKER_DIGEST = "sha256:" + "fedcba9876543210" * 4
+DOWNLOAD_DIGEST = "sha256:" + "00112233445566778899aabbccddeeff" * 2
 # Every toggle of the chart on, and every optional field set.
 ALL_ON: dict[str, Any] = {
     "replicaCount": 3,
     "image": {"digest": DIGEST, "tag": "ignored-when-digest-set", "pullPolicy": "Always"},
     "workerImage": {"digest": WORKER_DIGEST},
+    "downloadImage": {"repository": "mirror.example/curl", "digest": DOWNLOAD_DIGEST},
     "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
     "gpuTolerations": [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
@@ -242,7 +244,7 @@ def operator_config(r: Render) -> dict[str, Any]:
     expect(text, "the config ConfigMap has no operator.yaml")
     cfg = yaml.safe_load(text)
     expect(isinstance(cfg, dict), f"operator.yaml is not a mapping: {text!r}")
-    unknown = set(cfg) - {"workerImage", "imagePullSecrets", "gpuTolerations"}
+    unknown = set(cfg) - {"workerImage", "downloadImage", "imagePullSecrets", "gpuTolerations"}
     expect(not unknown, f"operator.yaml has keys the operator does not know: {unknown}")
     return cfg
 
@@ -360,12 +362,15 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
     cfg = operator_config(r)
     expect(cfg["workerImage"] == f"ghcr.io/whaleflux/whaleflux-worker:{app}",
            f"workerImage {cfg['workerImage']}")
+    # The operator's own default (operator/src/resources/children.rs DOWNLOAD_IMAGE).
+    expect(cfg["downloadImage"] == "curlimages/curl:8.11.1",
+           f"downloadImage {cfg['downloadImage']}")
     expect(cfg["imagePullSecrets"] == [], f"imagePullSecrets {cfg['imagePullSecrets']}")
     expect(cfg["gpuTolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                       "effect": "NoSchedule"}],
            f"gpuTolerations {cfg['gpuTolerations']}")
-    ok(f"operator.yaml: workerImage {cfg['workerImage']}, no pull secrets, the nvidia.com/gpu "
-       "toleration")
+    ok(f"operator.yaml: workerImage {cfg['workerImage']}, downloadImage {cfg['downloadImage']}, "
+       "no pull secrets, the nvidia.com/gpu toleration")
     pdb = r.one("PodDisruptionBudget", RELEASE)
     expect(pdb["spec"]["maxUnavailable"] == 1, f"PDB {pdb['spec']}")
     expect(pdb["spec"]["selector"]["matchLabels"]
@@ -382,6 +387,7 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
     # The checksum rolls the operator when (and only when) its configuration changes.
     base = r.one("Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     for values, changes in (({"workerImage": {"tag": "0.2.0"}}, True),
+                            ({"downloadImage": {"digest": DOWNLOAD_DIGEST}}, True),
                             ({"gpuTolerations": []}, True),
                             ({"imagePullSecrets": [{"name": "regcred"}]}, True),
                             ({"replicaCount": 3}, False)):
@@ -389,8 +395,8 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
         differs = other["annotations"]["checksum/config"] != base
         expect(differs == changes, f"checksum/config {'did not change' if changes else 'changed'}"
                                    f" with {values}")
-    ok("checksum/config changes with workerImage, gpuTolerations and imagePullSecrets, not with "
-       "replicaCount")
+    ok("checksum/config changes with workerImage, downloadImage, gpuTolerations and "
+       "imagePullSecrets, not with replicaCount")
     return f"{len(r.objects)} objects"
 
 
@@ -426,9 +432,12 @@ def cmd_render_all_on(chart: Path, _args: argparse.Namespace) -> str:
     cfg = operator_config(r)
     expect(cfg["workerImage"] == f"ghcr.io/whaleflux/whaleflux-worker@{WORKER_DIGEST}",
            f"workerImage {cfg['workerImage']}")
+    expect(cfg["downloadImage"] == f"mirror.example/curl@{DOWNLOAD_DIGEST}",
+           f"downloadImage {cfg['downloadImage']}")
     expect(cfg["imagePullSecrets"] == ["regcred", "mirror"], f"{cfg['imagePullSecrets']}")
     expect(cfg["gpuTolerations"] == ALL_ON["gpuTolerations"], f"{cfg['gpuTolerations']}")
-    ok("operator.yaml: worker image by digest, pull secret names, both GPU tolerations")
+    ok("operator.yaml: worker and download images by digest, pull secret names, both GPU "
+       "tolerations")
 
     sm = r.one("ServiceMonitor", RELEASE)
     expect(sm["metadata"]["labels"].get("release") == "prometheus", "ServiceMonitor labels")

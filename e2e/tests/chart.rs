@@ -85,7 +85,11 @@ fn defaults_render_the_operator_and_its_rbac() {
         "{text}"
     );
     assert!(
-        text.contains("checksum/config changes with workerImage"),
+        text.contains("checksum/config changes with workerImage, downloadImage"),
+        "{text}"
+    );
+    assert!(
+        text.contains("downloadImage curlimages/curl:8.11.1"),
         "{text}"
     );
 }
@@ -98,6 +102,7 @@ fn every_toggle_on_renders_monitoring_dashboards_and_policies() {
     );
     for key in [
         "image digest wins over the tag",
+        "operator.yaml: worker and download images by digest",
         "ServiceMonitor: port metrics, honorLabels true",
         "dashboard ConfigMaps (gpu-fleet.json, operator.json, serving.json)",
         "NetworkPolicy: ingress only to port metrics",
@@ -120,6 +125,8 @@ fn the_values_schema_refuses_every_bad_values_file() {
         "replica-count-negative.yaml: refused",
         "port-string.yaml: refused",
         "service-type-enum.yaml: refused",
+        "download-digest-malformed.yaml: refused",
+        "download-tag-empty.yaml: refused",
     ] {
         assert!(
             text.contains(case),
@@ -190,6 +197,22 @@ fn render_prints_the_manifest_for_set_values() {
         "{stdout}"
     );
     assert!(!stdout.contains("kind: ServiceMonitor"), "{stdout}");
+
+    // The download (curl) init container's image pinned by digest reaches operator.yaml as
+    // repository@digest, the tag ignored.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let (out, text) = check_chart(&[
+        "render",
+        "--set-string",
+        &format!("downloadImage.digest={digest}"),
+    ]);
+    assert!(out.status.success(), "render failed:\n{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("downloadImage: \"curlimages/curl@{digest}\"")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("curlimages/curl:8.11.1"), "{stdout}");
 
     let (out, text) = check_chart(&["render", "--set", "replicaCount=0"]);
     assert!(!out.status.success(), "replicaCount=0 rendered:\n{text}");

@@ -273,8 +273,8 @@ struct OperatorArgs {
     /// groups can start elsewhere (a dead node never confirms a deletion).
     #[arg(long, default_value_t = 60)]
     node_grace_seconds: u64,
-    /// Cluster-wide settings for every worker pod (YAML: workerImage, imagePullSecrets,
-    /// gpuTolerations), as the Helm chart's ConfigMap mounts them.
+    /// Cluster-wide settings for every worker pod (YAML: workerImage, downloadImage,
+    /// imagePullSecrets, gpuTolerations), as the Helm chart's ConfigMap mounts them.
     #[arg(long, value_name = "FILE", env = "WHALEFLUX_OPERATOR_CONFIG")]
     config: Option<PathBuf>,
 }

@@ -391,3 +391,20 @@ fn cluster_settings_reach_every_worker_pod_and_the_spec_still_wins() {
     assert!(pod.image_pull_secrets.is_none());
     assert_eq!(keys(&pod), ["team"]);
 }
+
+#[test]
+fn the_download_init_container_takes_the_cluster_settings_image() {
+    let mut d = example("smollm2-135m.yaml");
+    d.spec.model.weights.source.path = None;
+    d.spec.model.weights.source.url = Some("https://example.com/m/smol.gguf".into());
+    let plan = plan_for(&d, "1x4xRTX4090");
+    let settings =
+        ClusterSettings::from_yaml("downloadImage: mirror.example/curl@sha256:0a1b\n").unwrap();
+    let c = children::build(&d, &plan, "x", &settings).expect("build");
+    let init = &pod_spec(&c).init_containers.expect("init container")[0];
+    assert_eq!(init.name, "download-weights");
+    assert_eq!(
+        init.image.as_deref(),
+        Some("mirror.example/curl@sha256:0a1b")
+    );
+}

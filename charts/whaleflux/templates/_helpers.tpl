@@ -80,8 +80,10 @@ operator pods on change.
 */}}
 {{- define "whaleflux.operatorConfig" -}}
 # WhaleFlux operator configuration, rendered by the Helm chart (values workerImage,
-# imagePullSecrets, gpuTolerations). Change it with `helm upgrade`, which restarts the operator.
+# downloadImage, imagePullSecrets, gpuTolerations). Change it with `helm upgrade`, which restarts
+# the operator.
 workerImage: {{ include "whaleflux.imageRef" (dict "image" .Values.workerImage "root" .) | quote }}
+downloadImage: {{ include "whaleflux.imageRef" (dict "image" .Values.downloadImage "root" .) | quote }}
 {{- $names := list }}
 {{- range .Values.imagePullSecrets }}
 {{- $names = append $names .name }}

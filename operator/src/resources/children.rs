@@ -49,7 +49,8 @@ pub const DEFAULT_IMAGE: &str = concat!(
 );
 /// Environment variable with the pod's IP (downward API), the address the worker binds.
 pub const POD_IP_ENV: &str = "POD_IP";
-/// Image of the init container that downloads `spec.model.weights.source.url`.
+/// Image of the init container that downloads `spec.model.weights.source.url`, when the
+/// cluster settings name none (`downloadImage`).
 pub const DOWNLOAD_IMAGE: &str = "curlimages/curl:8.11.1";
 /// Where URL-sourced weights are downloaded to (an emptyDir) and PVCs are mounted.
 pub const MODEL_DIR: &str = "/models";
@@ -181,7 +182,7 @@ struct ModelVolume {
     init: Option<Container>,
 }
 
-fn model_volume(deployment: &LlmDeployment) -> ModelVolume {
+fn model_volume(deployment: &LlmDeployment, download_image: &str) -> ModelVolume {
     let source = &deployment.spec.model.weights.source;
     let mount = |path: &str| VolumeMount {
         name: "model".into(),
@@ -224,7 +225,7 @@ fn model_volume(deployment: &LlmDeployment) -> ModelVolume {
             mount: mount(MODEL_DIR),
             init: Some(Container {
                 name: "download-weights".into(),
-                image: Some(DOWNLOAD_IMAGE.into()),
+                image: Some(download_image.into()),
                 args: Some(vec![
                     "--fail".into(),
                     "--location".into(),
@@ -383,7 +384,7 @@ fn build_group(
     let spec = &deployment.spec;
     let sts_name = group_name(name, group);
     let cm_name = config_map_name(name, group);
-    let model = model_volume(deployment);
+    let model = model_volume(deployment, &settings.download_image);
     // The worker needs the split and its own group's placement; the rejected options stay in
     // `plan.json` and the status.
     let mut worker_plan = plan.clone();
