@@ -244,7 +244,8 @@ def operator_config(r: Render) -> dict[str, Any]:
     expect(text, "the config ConfigMap has no operator.yaml")
     cfg = yaml.safe_load(text)
     expect(isinstance(cfg, dict), f"operator.yaml is not a mapping: {text!r}")
-    unknown = set(cfg) - {"workerImage", "downloadImage", "imagePullSecrets", "gpuTolerations"}
+    unknown = set(cfg) - {"workerImage", "downloadImage", "imagePullSecrets", "gpuTolerations",
+                          "allowedHostPaths", "allowedImages"}
     expect(not unknown, f"operator.yaml has keys the operator does not know: {unknown}")
     return cfg
 
@@ -369,8 +370,11 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
     expect(cfg["gpuTolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                       "effect": "NoSchedule"}],
            f"gpuTolerations {cfg['gpuTolerations']}")
+    # The operator's own defaults (operator/src/resources/settings.rs).
+    expect(cfg["allowedHostPaths"] == ["/models"], f"allowedHostPaths {cfg['allowedHostPaths']}")
+    expect(cfg["allowedImages"] == [], f"allowedImages {cfg['allowedImages']}")
     ok(f"operator.yaml: workerImage {cfg['workerImage']}, downloadImage {cfg['downloadImage']}, "
-       "no pull secrets, the nvidia.com/gpu toleration")
+       "no pull secrets, the nvidia.com/gpu toleration, hostPath weights under /models, any image")
     pdb = r.one("PodDisruptionBudget", RELEASE)
     expect(pdb["spec"]["maxUnavailable"] == 1, f"PDB {pdb['spec']}")
     expect(pdb["spec"]["selector"]["matchLabels"]

@@ -259,6 +259,7 @@ impl WeightDtype {
 /// Where a worker reads the weights. Exactly one of `path`, `pvc` and `url` is set.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("(has(self.path) ? 1 : 0) + (has(self.pvc) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1").message("spec.model.weights.source: set exactly one of path, pvc or url"))]
+#[x_kube(validation = Rule::new("!has(self.url) || self.url.startsWith('https://') || (has(self.insecure) && self.insecure)").message("spec.model.weights.source.url is plain http://, which anyone on the path can alter: use https://, or set insecure: true to accept it"))]
 #[serde(rename_all = "camelCase")]
 pub struct WeightSource {
     /// Absolute path of the weight file on the node (mounted read-only into the worker through a
@@ -275,6 +276,16 @@ pub struct WeightSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("spec.model.weights.source.url must start with https:// or http://"))]
     pub url: Option<String>,
+
+    /// Accept a plain `http://` URL (its bytes can be altered on the way; pair it with sha256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
+
+    /// SHA-256 of the weight file (64 hex digits): each worker checks the file against it before
+    /// loading and refuses to start, naming both digests, when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("spec.model.weights.source.sha256 must be 64 hex digits (sha256sum's output)"))]
+    pub sha256: Option<String>,
 }
 
 /// A file inside a PersistentVolumeClaim.
@@ -341,6 +352,42 @@ pub struct ServingSpec {
     #[serde(default = "default_port")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("spec.serving.port must be between 1 and 65535"))]
     pub port: i32,
+
+    /// A Secret in this namespace whose key holds the API keys (comma-separated) clients must
+    /// send as `Authorization: Bearer KEY`. Absent: the API is open to whatever can reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+
+    /// Seconds a stopping worker (scale-down, rollout, deletion) gets to finish the requests in
+    /// flight; the pods' grace period is sized from it.
+    #[serde(default = "default_drain_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("spec.serving.drainSeconds must be between 0 and 3600"))]
+    pub drain_seconds: i32,
+
+    /// Who may reach the API port: pods matching this selector in this namespace (the
+    /// NetworkPolicy's `podSelector` form). Absent: any pod in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_clients: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+}
+
+/// One key of a Secret in the deployment's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("spec.serving.apiKeySecret.name must name a Secret in this namespace"))]
+    pub name: String,
+    /// The key inside it.
+    #[serde(default = "default_api_key_key")]
+    pub key: String,
+}
+
+fn default_api_key_key() -> String {
+    "api-keys".into()
+}
+
+fn default_drain_seconds() -> i32 {
+    30
 }
 
 fn default_max_context() -> i32 {
@@ -359,6 +406,9 @@ impl Default for ServingSpec {
             max_context_length: default_max_context(),
             max_concurrent_sequences: default_max_sequences(),
             port: default_port(),
+            api_key_secret: None,
+            drain_seconds: default_drain_seconds(),
+            allowed_clients: None,
         }
     }
 }

@@ -12,8 +12,8 @@ pub mod worker;
 
 pub use deployment::{
     FailoverSpec, GroupRestart, LlmDeployment, LlmDeploymentSpec, LlmDeploymentStatus, ModelShape,
-    ModelSpec, Objective, ParallelismSpec, Phase, PvcSource, ServingSpec, WeightDtype,
-    WeightSource, WeightsSpec,
+    ModelSpec, Objective, ParallelismSpec, Phase, PvcSource, SecretKeyRef, ServingSpec,
+    WeightDtype, WeightSource, WeightsSpec,
 };
 pub use plan::{GroupPlacement, MemoryBreakdown, Plan, PlanEstimate, RejectedOption, StagePlan};
 pub use pool::{

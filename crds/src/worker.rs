@@ -93,6 +93,9 @@ pub struct WorkerModel {
     pub path: String,
     /// Model name accepted in API requests and listed by `/v1/models`.
     pub served_name: String,
+    /// SHA-256 the file must have (hex); the worker checks it before loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Peer endpoint of one process of the group.

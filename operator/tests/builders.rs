@@ -252,6 +252,9 @@ fn url_weights_download_into_an_empty_dir() {
             "args": ["--fail", "--location", "--retry", "5", "--output", "/models/smol.gguf",
                      "https://example.com/m/smol.gguf?download=1"],
             "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+            "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": true, "runAsGroup": 65532, "runAsNonRoot": true,
+                "runAsUser": 65532},
         })
     );
     let model = pod
@@ -407,4 +410,124 @@ fn the_download_init_container_takes_the_cluster_settings_image() {
         init.image.as_deref(),
         Some("mirror.example/curl@sha256:0a1b")
     );
+}
+
+/// Worker pods meet the restricted Pod Security Standard, as the chart tests' checker
+/// (`charts/tests/kube_checks.py`) reads it, for weights from a PVC and from a URL (with its
+/// download init container). HostPath weights are the one exception the standard names: a
+/// namespace that allows them needs the `privileged` level, which is why an admin must list
+/// their directories (`allowedHostPaths`).
+#[test]
+fn worker_pods_meet_the_restricted_pod_security_standard() {
+    let python = std::env::var("WHALEFLUX_PYTHON")
+        .expect("WHALEFLUX_PYTHON: a Python with kubernetes-validate (scripts/test.sh makes one)");
+    let mut templates = Vec::new();
+    for source in ["pvc", "url", "path"] {
+        let mut d = example("smollm2-135m.yaml");
+        let w = &mut d.spec.model.weights.source;
+        match source {
+            "pvc" => {
+                w.path = None;
+                w.pvc = Some(PvcSource {
+                    claim_name: "weights".into(),
+                    path: "smol/model.gguf".into(),
+                });
+            }
+            "url" => {
+                w.path = None;
+                w.url = Some("https://example.com/m/smol.gguf".into());
+            }
+            _ => {}
+        }
+        let plan = plan_for(&d, "1x4xRTX4090");
+        let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
+        let sts = &c.groups[0].statefulset;
+        let t = sts
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .expect("template");
+        templates.push(serde_json::json!({"source": source, "template": t}));
+    }
+    let script = r#"
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kube_checks import pss_restricted
+for t in json.load(sys.stdin):
+    print(t["source"], json.dumps(pss_restricted(t["template"])))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(root().join("charts/tests"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&templates).expect("json").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: std::collections::BTreeMap<&str, Vec<String>> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k, serde_json::from_str(v).expect("violations")))
+        .collect();
+    assert_eq!(found["pvc"], Vec::<String>::new(), "PVC weights");
+    assert_eq!(found["url"], Vec::<String>::new(), "URL weights");
+    assert!(
+        !found["path"].is_empty() && found["path"].iter().all(|v| v.contains("hostPath")),
+        "hostPath weights break only the volume rules: {:?}",
+        found["path"]
+    );
+}
+
+/// The serving spec reaches the pods: the API keys from the named Secret, the drain the grace
+/// period is sized from, the pause before it; and a group's pods change only all together.
+#[test]
+fn api_keys_drain_and_whole_group_updates_reach_the_statefulset() {
+    let mut d = example("smollm2-135m.yaml");
+    d.spec.serving.api_key_secret = Some(whaleflux_crds::SecretKeyRef {
+        name: "smollm2-keys".into(),
+        key: "keys".into(),
+    });
+    d.spec.serving.drain_seconds = 120;
+    let plan = plan_for(&d, "1x4xRTX4090");
+    let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
+    let sts = serde_json::to_value(&c.groups[0].statefulset).expect("json");
+    let pod = &sts["spec"]["template"]["spec"];
+    let worker = &pod["containers"][0];
+    let key_env = worker["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|v| v["name"] == "WHALEFLUX_API_KEY"))
+        .expect("WHALEFLUX_API_KEY");
+    assert_eq!(
+        key_env["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "smollm2-keys", "key": "keys", "optional": false})
+    );
+    let args: Vec<&str> = worker["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--drain-seconds", "120"]),
+        "{args:?}"
+    );
+    assert_eq!(worker["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+    // The pause, the drain, and time to exit.
+    assert_eq!(pod["terminationGracePeriodSeconds"], 5 + 120 + 5);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(sts["spec"]["updateStrategy"]["type"], "OnDelete");
 }

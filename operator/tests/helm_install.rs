@@ -106,6 +106,9 @@ async fn helm_install_upgrade_uninstall() {
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
         let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
 
+        // The test model's directory is where hostPath weights may come from.
+        let model = common::model();
+        let model_dir = model.parent().expect("model directory");
         // Install: two operator replicas (one leads), a short lease so the rollout's handover
         // is quick. The image repository's last part names the program the kubelet runs.
         let installed = helm(
@@ -119,6 +122,8 @@ async fn helm_install_upgrade_uninstall() {
                 "operator.leaseDurationSeconds=4",
                 "--set",
                 "operator.logLevel=info\\,whaleflux_operator=debug",
+                "--set",
+                &format!("allowedHostPaths[0]={}", model_dir.display()),
             ],
         );
         assert_eq!(installed["revision"], 1, "{installed}");

@@ -111,6 +111,63 @@ async fn smollm2_lifecycle_through_kubectl() {
         let table = c.kubectl_ok(&["get", "gpool"], None);
         assert!(table.contains("RTX4090"), "{table}");
 
+        // Weights from a node directory the admin did not allow: refused with a condition and
+        // an event naming the fix, and nothing is created.
+        let forbidden = c
+            .smollm2_manifest()
+            .replace("name: smollm2", "name: smollm2-hostpath")
+            .replace(&model.display().to_string(), "/etc/passwd");
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&forbidden));
+        let lapi: Api<LlmDeployment> = Api::namespaced(client.clone(), "default");
+        eventually("the hostPath refused", WAIT, || async {
+            lapi.get("smollm2-hostpath").await.ok().is_some_and(|d| {
+                condition(&d, "Planned") == Some(("False".into(), "NotAllowed".into()))
+            })
+        })
+        .await;
+        let d = lapi.get("smollm2-hostpath").await.expect("llmd");
+        let msg = d
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Planned"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("/etc/passwd") && msg.contains("allowedHostPaths"),
+            "{msg}"
+        );
+        let notes = || {
+            c.kubectl_ok(
+                &[
+                    "get",
+                    "events.events.k8s.io",
+                    "--field-selector",
+                    "regarding.name=smollm2-hostpath,reason=NotAllowed",
+                    "-o",
+                    "jsonpath={range .items[*]}{.type} {.note}{\"\\n\"}{end}",
+                ],
+                None,
+            )
+        };
+        eventually("a NotAllowed event", WAIT, || async {
+            let events = notes();
+            events.starts_with("Warning ") && events.contains("/etc/passwd")
+        })
+        .await;
+        let sts = c.kubectl_ok(
+            &[
+                "get",
+                "statefulsets",
+                "-l",
+                "app.kubernetes.io/instance=smollm2-hostpath",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        assert!(sts.trim().is_empty(), "nothing created: {sts}");
+        c.kubectl_ok(&["delete", "llmd", "smollm2-hostpath", "--wait=true"], None);
+
         // Another team's pod bound to ws-a takes 3 of its GPUs (its image has no program here,
         // so it stays Pending on the node, as a pod pulling its image would): the pool says so.
         let other = r#"{"apiVersion": "v1", "kind": "Pod",

@@ -49,6 +49,57 @@ pub enum StartError {
     /// A peer failed, or refused this one, while the group formed.
     #[error(transparent)]
     Comm(#[from] comm::CommError),
+    /// The weight file is not the one the deployment names by digest.
+    #[error(
+        "{path} has SHA-256 {actual}, but the deployment asks for {expected} (spec.model.weights.source.sha256): the file is corrupt, truncated or another one; replace it or fix the digest"
+    )]
+    Checksum {
+        /// The file.
+        path: String,
+        /// The digest asked for.
+        expected: String,
+        /// The file's digest.
+        actual: String,
+    },
+    /// The weight file could not be read to check its digest.
+    #[error("cannot read {path} to check its SHA-256: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Check `path` against the hex SHA-256 `expected` (any case).
+pub fn check_sha256(path: &Path, expected: &str) -> Result<(), StartError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let read_err = |source| StartError::Read {
+        path: shown.clone(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(read_err)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let actual: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if actual.eq_ignore_ascii_case(expected.trim()) {
+        Ok(())
+    } else {
+        Err(StartError::Checksum {
+            path: shown,
+            expected: expected.trim().to_ascii_lowercase(),
+            actual,
+        })
+    }
 }
 
 /// Prompt tokens fed per engine step across the batch (chunked prefill).
@@ -88,6 +139,25 @@ pub fn chat_template(g: &Gguf, tk: &ModelTokenizer) -> Result<Option<ChatTemplat
         Err(ChatError::NoTemplate) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The digest of what every rank of a group must agree on: the model file, the plan, the
+/// group and its peers, the serving limits and the peer timeout. What differs between the
+/// ranks of one group (stage, TP rank, ports, threads) is left out.
+pub fn group_digest(cfg: &WorkerConfig) -> [u8; comm::tcp::DIGEST] {
+    use sha2::{Digest, Sha256};
+    let shared = serde_json::json!({
+        "model": cfg.model,
+        "plan": cfg.plan,
+        "group": cfg.group,
+        "peers": cfg.peers,
+        "serving": cfg.serving,
+        "peerTimeoutMs": cfg.peer_timeout_ms,
+    });
+    let d = Sha256::digest(shared.to_string().as_bytes());
+    let mut out = [0u8; comm::tcp::DIGEST];
+    out.copy_from_slice(&d[..comm::tcp::DIGEST]);
+    out
 }
 
 /// The model, tokenizer and backend of one rank that owns the whole model, for in-process use
@@ -177,6 +247,7 @@ impl Worker {
             model: whaleflux_crds::WorkerModel {
                 path: path.to_string_lossy().into_owned(),
                 served_name: served_name.to_string(),
+                sha256: None,
             },
             plan: shard::fixed_plan(served_name, layers, 1, 1),
             group: 0,
@@ -212,6 +283,7 @@ impl Worker {
         let (listener, tcp) = if multi {
             let mut opts = comm::tcp::TcpOptions::from_env(cfg.group, timeout)?;
             opts.on_fail = on_fail;
+            opts.config_digest = group_digest(&cfg);
             // The group forms within its deadline from this process's start, however long
             // each rank takes to load.
             opts.connect_by = Some(
@@ -285,6 +357,14 @@ impl Worker {
         on_fatal: Arc<dyn Fn(String) + Send + Sync>,
     ) -> Result<Started, StartError> {
         let cfg = &self.cfg;
+        if let Some(want) = &cfg.model.sha256 {
+            let t0 = Instant::now();
+            check_sha256(Path::new(&cfg.model.path), want)?;
+            tracing::info!(
+                seconds = t0.elapsed().as_secs_f64(),
+                "the weight file's SHA-256 matches"
+            );
+        }
         let g = Gguf::open(Path::new(&cfg.model.path))?;
         let tp = usize::try_from(cfg.plan.tensor_parallel)
             .unwrap_or(1)

@@ -3,7 +3,8 @@
 use super::*;
 
 /// The StatefulSet controller: pods `<name>-<ordinal>` from the template (all at once, as
-/// `podManagementPolicy: Parallel`), pods of an old template replaced, status counted.
+/// `podManagementPolicy: Parallel`), pods of an old template replaced (one by one, but all
+/// at once here; left alone under `updateStrategy: OnDelete`), status counted.
 pub(super) fn reconcile_statefulsets(st: &AppState) {
     let (sets, _) = st.store.list("apps", "statefulsets", None);
     for (k, sts) in sets {
@@ -26,7 +27,9 @@ pub(super) fn reconcile_statefulsets(st: &AppState) {
                 .find(|p| p["metadata"]["name"] == json!(pod_name));
             if let Some(p) = existing {
                 let stale = p["metadata"]["labels"]["controller-revision-hash"] != json!(revision);
-                if stale && p["metadata"]["deletionTimestamp"].is_null() {
+                // `OnDelete`: an old pod stays until someone deletes it (then comes back new).
+                let on_delete = sts["spec"]["updateStrategy"]["type"] == json!("OnDelete");
+                if stale && !on_delete && p["metadata"]["deletionTimestamp"].is_null() {
                     delete_pod(st, &k.namespace, &pod_name);
                 }
                 continue;

@@ -115,6 +115,24 @@ where
 async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planned {
     let k = key(d);
     let current = d.status.as_ref().and_then(|s| s.plan.clone());
+    // What the cluster admin forbids is refused before anything is planned or created; groups
+    // already running keep their plan.
+    if let Err(e) = ctx.settings.admits(&d.spec) {
+        let msg = e.to_string();
+        let said = d.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Planned" && c.reason == "NotAllowed" && c.message == msg)
+        });
+        if !said {
+            publish(ctx, d, true, "NotAllowed", msg.clone()).await;
+        }
+        return Planned {
+            plan: current,
+            condition: (false, "NotAllowed", msg),
+            reduced: None,
+        };
+    }
     let pool_name = &d.spec.gpu_pool;
     let Some(pool) = ctx
         .pools

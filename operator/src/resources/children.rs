@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, LocalObjectReference,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -24,6 +24,7 @@ use whaleflux_crds::worker::{
 };
 use whaleflux_crds::{LlmDeployment, Plan, WorkerConfig};
 
+use super::pod::{self, model_volume};
 use super::settings::ClusterSettings;
 use super::worker_config::{self, Addressing, PEER_PORT};
 
@@ -174,95 +175,6 @@ pub fn config_hash(config: &WorkerConfig) -> String {
     stable_hash(serde_json::to_string(&c).unwrap_or_default().as_bytes())
 }
 
-/// How the weights reach the worker: the volume, its mount and the file path inside the pod.
-struct ModelVolume {
-    volume: Volume,
-    mount: VolumeMount,
-    path: String,
-    init: Option<Container>,
-}
-
-fn model_volume(deployment: &LlmDeployment, download_image: &str) -> ModelVolume {
-    let source = &deployment.spec.model.weights.source;
-    let mount = |path: &str| VolumeMount {
-        name: "model".into(),
-        mount_path: path.into(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    };
-    if let Some(pvc) = &source.pvc {
-        return ModelVolume {
-            volume: Volume {
-                name: "model".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: pvc.claim_name.clone(),
-                    read_only: Some(true),
-                }),
-                ..Volume::default()
-            },
-            mount: mount(MODEL_DIR),
-            path: format!("{MODEL_DIR}/{}", pvc.path.trim_start_matches('/')),
-            init: None,
-        };
-    }
-    if let Some(url) = &source.url {
-        // The worker reads a local file; an init container downloads it into an emptyDir once
-        // per pod start (curl retries; a failed download fails the init container, which the
-        // kubelet retries with backoff).
-        let file_name = url
-            .rsplit('/')
-            .next()
-            .map(|s| s.split(['?', '#']).next().unwrap_or(s))
-            .filter(|s| !s.is_empty())
-            .unwrap_or("model.gguf");
-        let path = format!("{MODEL_DIR}/{file_name}");
-        return ModelVolume {
-            volume: Volume {
-                name: "model".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-            mount: mount(MODEL_DIR),
-            init: Some(Container {
-                name: "download-weights".into(),
-                image: Some(download_image.into()),
-                args: Some(vec![
-                    "--fail".into(),
-                    "--location".into(),
-                    "--retry".into(),
-                    "5".into(),
-                    "--output".into(),
-                    path.clone(),
-                    url.clone(),
-                ]),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: "model".into(),
-                    mount_path: MODEL_DIR.into(),
-                    ..VolumeMount::default()
-                }]),
-                ..Container::default()
-            }),
-            path,
-        };
-    }
-    // A file on the node: mount exactly that file at the same path, so the worker config's path
-    // is the same inside and outside the pod.
-    let path = source.path.clone().unwrap_or_default();
-    ModelVolume {
-        volume: Volume {
-            name: "model".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: path.clone(),
-                type_: Some("File".into()),
-            }),
-            ..Volume::default()
-        },
-        mount: mount(&path),
-        path,
-        init: None,
-    }
-}
-
 fn meta(
     name: String,
     namespace: &str,
@@ -385,6 +297,7 @@ fn build_group(
     let sts_name = group_name(name, group);
     let cm_name = config_map_name(name, group);
     let model = model_volume(deployment, &settings.download_image);
+    let (scratch_volume, scratch_mount) = pod::scratch();
     // The worker needs the split and its own group's placement; the rejected options stay in
     // `plan.json` and the status.
     let mut worker_plan = plan.clone();
@@ -488,43 +401,49 @@ fn build_group(
             // Where a fatal GPU fault is reported (the pod's termination message path).
             "--termination-log".into(),
             TERMINATION_LOG.into(),
+            "--drain-seconds".into(),
+            spec.serving.drain_seconds.max(0).to_string(),
         ]),
-        env: Some(vec![
-            EnvVar {
-                name: POD_IP_ENV.into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "status.podIP".into(),
-                        api_version: None,
+        env: Some({
+            let mut env = vec![
+                EnvVar {
+                    name: POD_IP_ENV.into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "status.podIP".into(),
+                            api_version: None,
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: POD_NAME_ENV.into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        api_version: None,
+                    ..EnvVar::default()
+                },
+                EnvVar {
+                    name: POD_NAME_ENV.into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.name".into(),
+                            api_version: None,
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: GROUP_SECRET_ENV.into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret_name(name),
-                        key: SECRET_KEY.into(),
-                        optional: Some(false),
+                    ..EnvVar::default()
+                },
+                EnvVar {
+                    name: GROUP_SECRET_ENV.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret_name(name),
+                            key: SECRET_KEY.into(),
+                            optional: Some(false),
+                        }),
+                        ..EnvVarSource::default()
                     }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-        ]),
+                    ..EnvVar::default()
+                },
+            ];
+            env.extend(pod::api_key_env(&spec.serving));
+            env
+        }),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".into()),
@@ -556,7 +475,12 @@ fn build_group(
                 ..VolumeMount::default()
             },
             model.mount,
+            scratch_mount,
         ]),
+        // The kubelet pauses before the SIGTERM, so the endpoints drop the pod before the
+        // worker drains.
+        lifecycle: Some(pod::pre_stop()),
+        security_context: Some(pod::container_security()),
         ..Container::default()
     };
     let template = PodTemplateSpec {
@@ -603,8 +527,12 @@ fn build_group(
                     ..Volume::default()
                 },
                 model.volume,
+                scratch_volume,
             ]),
-            termination_grace_period_seconds: Some(30),
+            termination_grace_period_seconds: Some(pod::grace_seconds(&spec.serving)),
+            security_context: Some(pod::pod_security()),
+            // Workers call no Kubernetes API: no token in their file system.
+            automount_service_account_token: Some(false),
             ..PodSpec::default()
         }),
     };
@@ -615,8 +543,12 @@ fn build_group(
             service_name: Some(sts_name.clone()),
             // Stages need each other to become ready: start them together.
             pod_management_policy: Some("Parallel".into()),
+            // A group is the unit of change: the StatefulSet never replaces pods by itself (a
+            // rolling update would mix two configurations in one group, which the peers refuse
+            // to form); the operator deletes a group's pods together when it is its turn, and
+            // they come back from the new template.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
+                type_: Some("OnDelete".into()),
                 rolling_update: None,
             }),
             selector: LabelSelector {

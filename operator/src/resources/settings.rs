@@ -22,6 +22,104 @@ pub struct ClusterSettings {
     /// Tolerations added to every worker pod before the deployment's own (GPU nodes are often
     /// tainted `nvidia.com/gpu:NoSchedule`).
     pub gpu_tolerations: Vec<Toleration>,
+    /// Directories on the nodes whose files `spec.model.weights.source.path` may name (a
+    /// hostPath volume reads the node's file system, so only where an admin says). Empty: no
+    /// hostPath weights at all.
+    pub allowed_host_paths: Vec<String>,
+    /// Image repositories `spec.image` may name (`registry.example/team/worker` allows that
+    /// repository at any tag or digest; a trailing `/` allows everything under it). Empty: any.
+    pub allowed_images: Vec<String>,
+}
+
+/// The directory the defaults let hostPath weights come from (the README's examples use it).
+pub const DEFAULT_HOST_PATH: &str = "/models";
+
+/// Why an LlmDeployment may not run under these settings; the message names the fix.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PolicyError {
+    /// A hostPath outside the allowed directories.
+    #[error(
+        "spec.model.weights.source.path {path} is not under a directory the cluster admin allows for weights on nodes ({allowed}); use a PVC or a URL, or ask for the directory to be added to the operator's allowedHostPaths"
+    )]
+    HostPath {
+        /// The path asked for.
+        path: String,
+        /// The allowed directories, for the message.
+        allowed: String,
+    },
+    /// An image from a repository not on the list.
+    #[error(
+        "spec.image {image} is not from a repository the cluster admin allows ({allowed}); remove spec.image to use the default worker image, or ask for the repository to be added to the operator's allowedImages"
+    )]
+    Image {
+        /// The image asked for.
+        image: String,
+        /// The allowed repositories, for the message.
+        allowed: String,
+    },
+}
+
+/// Whether `path` lies under `dir`, comparing whole components (`/models` covers
+/// `/models/a.gguf`, not `/models-x/a.gguf`); a path with `..` or `.` components lies nowhere.
+fn under(path: &str, dir: &str) -> bool {
+    let clean = |p: &str| -> Option<Vec<String>> {
+        p.split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| (c != ".." && c != ".").then(|| c.to_string()))
+            .collect()
+    };
+    match (clean(path), clean(dir)) {
+        (Some(p), Some(d)) => path.starts_with('/') && p.len() > d.len() && p.starts_with(&d),
+        _ => false,
+    }
+}
+
+/// The repository part of an image reference (no tag, no digest).
+fn repository(image: &str) -> &str {
+    let no_digest = image.split('@').next().unwrap_or(image);
+    // A tag follows the last ':' after the last '/' (a registry port comes before a '/').
+    match no_digest.rfind(':') {
+        Some(i) if !no_digest[i..].contains('/') => &no_digest[..i],
+        _ => no_digest,
+    }
+}
+
+impl ClusterSettings {
+    /// Whether `spec` may run here: its hostPath weights under an allowed directory, its image
+    /// from an allowed repository.
+    pub fn admits(&self, spec: &whaleflux_crds::LlmDeploymentSpec) -> Result<(), PolicyError> {
+        let list = |l: &[String]| {
+            if l.is_empty() {
+                "none".to_string()
+            } else {
+                l.join(", ")
+            }
+        };
+        if let Some(path) = &spec.model.weights.source.path
+            && !self.allowed_host_paths.iter().any(|d| under(path, d))
+        {
+            return Err(PolicyError::HostPath {
+                path: path.clone(),
+                allowed: list(&self.allowed_host_paths),
+            });
+        }
+        if let Some(image) = &spec.image
+            && !self.allowed_images.is_empty()
+            && !self
+                .allowed_images
+                .iter()
+                .any(|a| match a.strip_suffix('/') {
+                    Some(prefix) => repository(image).starts_with(&format!("{prefix}/")),
+                    None => repository(image) == a,
+                })
+        {
+            return Err(PolicyError::Image {
+                image: image.clone(),
+                allowed: list(&self.allowed_images),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for ClusterSettings {
@@ -31,6 +129,8 @@ impl Default for ClusterSettings {
             download_image: DOWNLOAD_IMAGE.into(),
             image_pull_secrets: Vec::new(),
             gpu_tolerations: Vec::new(),
+            allowed_host_paths: vec![DEFAULT_HOST_PATH.into()],
+            allowed_images: Vec::new(),
         }
     }
 }
@@ -40,7 +140,7 @@ impl Default for ClusterSettings {
 pub enum SettingsError {
     /// Not valid YAML for [`ClusterSettings`] (unknown keys included).
     #[error(
-        "operator settings: {0} (keys: workerImage, downloadImage, imagePullSecrets, gpuTolerations; see the chart's values.yaml)"
+        "operator settings: {0} (keys: workerImage, downloadImage, imagePullSecrets, gpuTolerations, allowedHostPaths, allowedImages; see the chart's values.yaml)"
     )]
     Parse(#[from] serde_yaml::Error),
     /// An empty `workerImage` would give pods no image.
@@ -107,6 +207,64 @@ mod tests {
         assert_eq!(s.gpu_tolerations.len(), 1);
         assert_eq!(s.gpu_tolerations[0].key.as_deref(), Some("nvidia.com/gpu"));
         assert_eq!(s.gpu_tolerations[0].effect.as_deref(), Some("NoSchedule"));
+    }
+
+    #[test]
+    fn host_paths_and_images_only_where_the_admin_allows() {
+        use whaleflux_crds::LlmDeploymentSpec;
+        let spec = |path: Option<&str>, image: Option<&str>| -> LlmDeploymentSpec {
+            let mut y = String::from(
+                "model: {preset: smollm2-135m, weights: {source: {url: 'https://e.x/m.gguf'}}}\ngpuPool: p\n",
+            );
+            if let Some(p) = path {
+                y = y.replace("url: 'https://e.x/m.gguf'", &format!("path: '{p}'"));
+            }
+            if let Some(i) = image {
+                y.push_str(&format!("image: '{i}'\n"));
+            }
+            serde_yaml::from_str(&y).unwrap()
+        };
+        let s = ClusterSettings::from_yaml(
+            "allowedHostPaths: [/models, /srv/llm/]\nallowedImages: [registry.example/wf/worker, mirror.example/]\n",
+        )
+        .unwrap();
+        for ok in ["/models/a.gguf", "/models/x/b.gguf", "/srv/llm/c.gguf"] {
+            assert_eq!(s.admits(&spec(Some(ok), None)), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/models",
+            "/models-x/a.gguf",
+            "/models/../etc/shadow",
+            "/etc/a.gguf",
+            "models/a.gguf",
+        ] {
+            let e = s.admits(&spec(Some(bad), None)).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("/models, /srv/llm/"), "{e}");
+        }
+        for ok in [
+            "registry.example/wf/worker:1.2",
+            "registry.example/wf/worker@sha256:abc",
+            "mirror.example/any/thing:3",
+        ] {
+            assert_eq!(s.admits(&spec(None, Some(ok))), Ok(()), "{ok}");
+        }
+        for bad in [
+            "registry.example/wf/worker-evil:1",
+            "evil.example/worker:1",
+            "mirror.example.evil/x:1",
+        ] {
+            let e = s.admits(&spec(None, Some(bad))).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("allowedImages"), "{e}");
+        }
+        // The defaults: hostPaths under /models only, any image.
+        let d = ClusterSettings::default();
+        assert_eq!(
+            d.admits(&spec(Some("/models/m.gguf"), Some("anything:1"))),
+            Ok(())
+        );
+        assert!(d.admits(&spec(Some("/root/m.gguf"), None)).is_err());
+        assert_eq!(repository("host:5000/a/b:tag"), "host:5000/a/b");
+        assert_eq!(repository("host:5000/a/b"), "host:5000/a/b");
     }
 
     #[test]

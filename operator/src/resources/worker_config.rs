@@ -95,6 +95,7 @@ pub fn render(
         model: WorkerModel {
             path: model_path.to_string(),
             served_name,
+            sha256: deployment.spec.model.weights.source.sha256.clone(),
         },
         plan: plan.clone(),
         group,

@@ -343,21 +343,17 @@ pub fn decide(input: &Inputs) -> Decision {
                 });
             }
             Some(reason) => out.exhausted.push((g.index, reason)),
-            None => {
-                let old: Vec<String> = live
-                    .iter()
-                    .filter(|p| p.hash != g.hash)
-                    .map(|p| p.name.clone())
-                    .collect();
-                if !old.is_empty() {
-                    out.actions.push(Action::Recreate {
-                        group: g.index,
-                        pods: old,
-                        reason: "its pods run an older configuration".into(),
-                        counted: false,
-                    });
-                }
+            // A rollout's turn (the StatefulSet, `OnDelete`, now has the new template): the
+            // whole group at once, never some ranks of one configuration with some of another.
+            None if live.iter().any(|p| p.hash != g.hash) => {
+                out.actions.push(Action::Recreate {
+                    group: g.index,
+                    pods: live.iter().map(|p| p.name.clone()).collect(),
+                    reason: "its pods run an older configuration".into(),
+                    counted: false,
+                });
             }
+            None => {}
         }
     }
     out.restarts = restarts;

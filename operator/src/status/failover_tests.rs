@@ -326,7 +326,7 @@ fn pods_of_a_dead_node_are_force_deleted_after_the_grace_period() {
     );
 }
 
-/// Pods of an older configuration go at once, not counted; the group's current pods stay.
+/// Pods of an older configuration take their whole group with them, at once, not counted.
 #[test]
 fn pods_of_an_old_configuration_are_replaced_uncounted() {
     let mut pods = healthy();
@@ -339,6 +339,16 @@ fn pods_of_an_old_configuration_are_replaced_uncounted() {
         vec![(0, names(&["chat-g0-0", "chat-g0-1"]), false)]
     );
     assert!(d.restarts.is_empty());
+    // One rank of the old configuration is enough: the whole group goes, so no group ever
+    // forms of two configurations.
+    let mut pods = healthy();
+    pods[1].hash = "h0".into();
+    pods[1].restarts = 0;
+    let d = decide_with(&pods, &nodes(), &[]);
+    assert_eq!(
+        recreated(&d),
+        vec![(0, names(&["chat-g0-0", "chat-g0-1"]), false)]
+    );
 }
 
 /// The view of a real pod: group and rank labels, node, hash, restarts and the termination

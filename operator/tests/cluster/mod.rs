@@ -251,6 +251,18 @@ impl Cluster {
         let port = free_port();
         let log = self.dir.join(format!("operator-{name}.log"));
         let file = std::fs::File::create(&log).expect("operator log");
+        // The cluster admin's settings: hostPath weights from the test model's directory.
+        let settings = self.dir.join(format!("operator-{name}.yaml"));
+        let model_dir = model()
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        std::fs::write(&settings, format!("allowedHostPaths: [{model_dir:?}]\n"))
+            .expect("operator settings");
+        let mut config = vec!["--config".to_string(), settings.display().to_string()];
+        if extra.contains(&"--config") {
+            config.clear();
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
             .args([
                 "operator",
@@ -263,6 +275,7 @@ impl Cluster {
                 "--lease-duration-seconds",
                 &lease_seconds.to_string(),
             ])
+            .args(&config)
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,whaleflux_operator=debug")

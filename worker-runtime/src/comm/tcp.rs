@@ -19,8 +19,14 @@ use super::wire::{self, MAX_FRAME};
 use super::{Collective, CommError, Link, Msg, RankId, sum_in_rank_order};
 
 const MAGIC: &[u8; 4] = b"WFLX";
-const VERSION: u8 = 1;
+/// The peer protocol's version: the hello, the frames and the messages. Ranks of one group must
+/// speak the same one (version 2 added the configuration digest to the hello).
+pub const VERSION: u8 = 2;
 const NONCE: usize = 32;
+/// Bytes of a group configuration digest.
+pub const DIGEST: usize = 8;
+/// The hello after the magic and the version: group, stage, TP rank, digest, nonce.
+const HELLO_REST: usize = 12 + DIGEST + NONCE;
 
 /// Called once, from the connection's reader thread, when a peer fails (so a worker process can
 /// exit at once even while it is idle and nobody is waiting on the link).
@@ -40,6 +46,9 @@ pub struct TcpOptions {
     /// When the peers must have connected by (the group's formation deadline, counted from
     /// the process's start); never sooner than `timeout` from the call to [`connect`].
     pub connect_by: Option<Instant>,
+    /// Digest of the group's configuration (model, plan, serving limits, peers): ranks whose
+    /// digests differ, such as pods of two configurations during a rollout, refuse to form.
+    pub config_digest: [u8; DIGEST],
 }
 
 impl TcpOptions {
@@ -55,6 +64,7 @@ impl TcpOptions {
             timeout,
             on_fail: None,
             connect_by: None,
+            config_digest: [0; DIGEST],
         })
     }
 }
@@ -300,22 +310,36 @@ pub fn handshake_dial<S: Read + Write>(
     opts: &TcpOptions,
 ) -> Result<(), String> {
     let nd: [u8; NONCE] = rand::random();
-    let mut hello = Vec::with_capacity(45);
+    let mut hello = Vec::with_capacity(5 + HELLO_REST);
     hello.extend_from_slice(MAGIC);
     hello.push(VERSION);
     hello.extend_from_slice(&opts.group.to_le_bytes());
     hello.extend_from_slice(&(me.stage as u32).to_le_bytes());
     hello.extend_from_slice(&(me.tp_rank as u32).to_le_bytes());
+    hello.extend_from_slice(&opts.config_digest);
     hello.extend_from_slice(&nd);
     s.write_all(&hello).map_err(|e| e.to_string())?;
-    let mut reply = [0u8; NONCE + 32];
+    // The listener answers its version first, so a mismatch is named on both sides.
+    let mut version = [0u8; 1];
+    s.read_exact(&mut version)
+        .map_err(|e| format!("no handshake reply: {e}"))?;
+    if version[0] != VERSION {
+        return Err(version_mismatch(version[0]));
+    }
+    let mut reply = [0u8; DIGEST + NONCE + 32];
     s.read_exact(&mut reply)
         .map_err(|e| format!("no handshake reply: {e}"))?;
-    let (nl, tag) = reply.split_at(NONCE);
-    if !verify(&opts.secret, b'L', opts.group, me, &nd, nl, tag) {
+    let (digest, rest) = reply.split_at(DIGEST);
+    let (nl, tag) = rest.split_at(NONCE);
+    let theirs = [digest, nl].concat();
+    if !verify(&opts.secret, b'L', opts.group, me, &nd, &theirs, tag) {
         return Err("the peer does not know the group secret".into());
     }
-    s.write_all(&mac(&opts.secret, b'D', opts.group, me, nl, &nd))
+    if digest != opts.config_digest {
+        return Err(digest_mismatch(digest, &opts.config_digest));
+    }
+    let ours = [&opts.config_digest[..], &nd].concat();
+    s.write_all(&mac(&opts.secret, b'D', opts.group, me, nl, &ours))
         .map_err(|e| e.to_string())?;
     let mut ok = [0u8; 1];
     s.read_exact(&mut ok)
@@ -326,19 +350,45 @@ pub fn handshake_dial<S: Read + Write>(
     Ok(())
 }
 
+fn version_mismatch(theirs: u8) -> String {
+    format!(
+        "the peer speaks peer protocol version {theirs}, this worker {VERSION}: run one WhaleFlux version in every rank of a group"
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn digest_mismatch(theirs: &[u8], ours: &[u8]) -> String {
+    format!(
+        "the peer runs group configuration {}, this worker {}: ranks of two configurations (a rollout in progress, or a stale pod) cannot form one group",
+        hex(theirs),
+        hex(ours)
+    )
+}
+
 /// Listener side: read who dials, prove we know the secret, check they do.
 pub fn handshake_accept<S: Read + Write>(s: &mut S, opts: &TcpOptions) -> Result<RankId, String> {
-    let mut hello = [0u8; 4 + 1 + 12 + NONCE];
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("no hello: {e}"))?;
+    if &head[..4] != MAGIC {
+        return Err("not a WhaleFlux peer (bad magic)".into());
+    }
+    // Answer our version before anything else, so the dialer can say which versions differ.
+    s.write_all(&[VERSION]).map_err(|e| e.to_string())?;
+    if head[4] != VERSION {
+        return Err(version_mismatch(head[4]));
+    }
+    let mut hello = [0u8; HELLO_REST];
     s.read_exact(&mut hello)
         .map_err(|e| format!("no hello: {e}"))?;
-    if &hello[..4] != MAGIC || hello[4] != VERSION {
-        return Err("not a WhaleFlux peer (bad magic or version)".into());
-    }
     let int = |i: usize| [hello[i], hello[i + 1], hello[i + 2], hello[i + 3]];
-    let group = i32::from_le_bytes(int(5));
+    let group = i32::from_le_bytes(int(0));
     let who = RankId {
-        stage: u32::from_le_bytes(int(9)) as usize,
-        tp_rank: u32::from_le_bytes(int(13)) as usize,
+        stage: u32::from_le_bytes(int(4)) as usize,
+        tp_rank: u32::from_le_bytes(int(8)) as usize,
     };
     if group != opts.group {
         return Err(format!(
@@ -346,17 +396,26 @@ pub fn handshake_accept<S: Read + Write>(s: &mut S, opts: &TcpOptions) -> Result
             opts.group
         ));
     }
-    let nd = &hello[17..];
+    let (digest, nd) = hello[12..].split_at(DIGEST);
     let nl: [u8; NONCE] = rand::random();
-    let mut reply = Vec::with_capacity(NONCE + 32);
+    let ours = [&opts.config_digest[..], &nl].concat();
+    let mut reply = Vec::with_capacity(DIGEST + NONCE + 32);
+    reply.extend_from_slice(&opts.config_digest);
     reply.extend_from_slice(&nl);
-    reply.extend_from_slice(&mac(&opts.secret, b'L', group, who, nd, &nl));
+    reply.extend_from_slice(&mac(&opts.secret, b'L', group, who, nd, &ours));
     s.write_all(&reply).map_err(|e| e.to_string())?;
     let mut tag = [0u8; 32];
     s.read_exact(&mut tag)
         .map_err(|e| format!("no proof: {e}"))?;
-    if !verify(&opts.secret, b'D', group, who, &nl, nd, &tag) {
+    let theirs = [digest, nd].concat();
+    if !verify(&opts.secret, b'D', group, who, &nl, &theirs, &tag) {
         return Err(format!("{who} does not know the group secret"));
+    }
+    if digest != opts.config_digest {
+        return Err(format!(
+            "{who}: {}",
+            digest_mismatch(digest, &opts.config_digest)
+        ));
     }
     s.write_all(&[1]).map_err(|e| e.to_string())?;
     Ok(who)
@@ -614,6 +673,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             on_fail: None,
             connect_by: None,
+            config_digest: [0; DIGEST],
         }
     }
 
@@ -625,6 +685,13 @@ mod tests {
     }
 
     fn mesh(n: usize, secret: &[&str]) -> Vec<Result<HashMap<RankId, Arc<TcpConn>>, CommError>> {
+        mesh_with(n, |r| opts(secret[r]))
+    }
+
+    fn mesh_with(
+        n: usize,
+        opts_of: impl Fn(usize) -> TcpOptions,
+    ) -> Vec<Result<HashMap<RankId, Arc<TcpConn>>, CommError>> {
         let listeners: Vec<TcpListener> = (0..n).map(|_| listen(0).expect("listen")).collect();
         let eps: Vec<PeerEndpoint> = listeners
             .iter()
@@ -642,7 +709,7 @@ mod tests {
                 .map(|(r, l)| {
                     let others: Vec<PeerEndpoint> =
                         eps.iter().filter(|e| e.id != rank(r)).cloned().collect();
-                    let mut o = opts(secret[r]);
+                    let mut o = opts_of(r);
                     o.timeout = Duration::from_secs(2);
                     sc.spawn(move || connect(rank(r), l, &others, &o))
                 })
@@ -745,6 +812,58 @@ mod tests {
         }
     }
 
+    /// Ranks of two configurations (a rollout half done) know the secret but refuse to form,
+    /// each naming both digests.
+    #[test]
+    fn ranks_of_two_configurations_refuse_to_form_naming_both() {
+        let res = mesh_with(2, |r| TcpOptions {
+            config_digest: [r as u8 + 1; DIGEST],
+            ..opts("s")
+        });
+        match res[1].as_ref().err() {
+            Some(CommError::Connect { peer, reason, .. }) => {
+                assert_eq!(*peer, rank(0));
+                assert!(
+                    reason.contains(
+                        "group configuration 0101010101010101, this worker 0202020202020202"
+                    ),
+                    "{reason}"
+                );
+            }
+            other => panic!("rank 1 must refuse, got {:?}", other.map(|e| e.to_string())),
+        }
+        assert!(res[0].is_err(), "rank 0 must not admit rank 1");
+    }
+
+    /// A peer of another protocol version is refused, and both sides learn both versions.
+    #[test]
+    fn a_peer_of_another_protocol_version_is_refused_naming_both() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let old = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut hello = MAGIC.to_vec();
+            hello.push(1);
+            hello.extend_from_slice(&[0u8; 12 + NONCE]);
+            s.write_all(&hello).expect("hello");
+            let mut v = [0u8; 1];
+            s.read_exact(&mut v).map(|()| v[0]).ok()
+        });
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let err = handshake_accept(&mut s, &opts("s")).expect_err("version 1");
+        assert!(
+            err.contains("peer protocol version 1, this worker 2"),
+            "{err}"
+        );
+        assert_eq!(old.join().expect("old peer"), Some(VERSION));
+        // And a dialer told another version by its listener names both too.
+        assert!(version_mismatch(3).contains("version 3, this worker 2"));
+    }
+
     /// A dialer that says the right hello but cannot prove the secret is refused by the
     /// listener (the check an honest dialer with a wrong secret never reaches).
     #[test]
@@ -760,9 +879,10 @@ mod tests {
             hello.extend_from_slice(&0i32.to_le_bytes());
             hello.extend_from_slice(&0u32.to_le_bytes());
             hello.extend_from_slice(&1u32.to_le_bytes());
+            hello.extend_from_slice(&[0u8; DIGEST]);
             hello.extend_from_slice(&[7u8; NONCE]);
             s.write_all(&hello).expect("hello");
-            let mut reply = [0u8; NONCE + 32];
+            let mut reply = [0u8; 1 + DIGEST + NONCE + 32];
             s.read_exact(&mut reply).expect("the listener's proof");
             s.write_all(&[0u8; 32]).expect("a made-up proof");
             let mut ok = [0u8; 1];

@@ -217,6 +217,7 @@ pub fn configs(tp: usize, pp: usize, tp_processes: bool, timeout_ms: i64) -> Vec
             model: WorkerModel {
                 path: super::model_path().display().to_string(),
                 served_name: "smollm2".into(),
+                sha256: None,
             },
             plan: plan.clone(),
             group: 0,
