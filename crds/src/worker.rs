@@ -22,6 +22,9 @@ pub const EXIT_GPU_FAULT: i32 = 4;
 /// The exit status of a worker that stopped because its replica group failed (a peer went
 /// away): it is not the cause, the peer that stopped first is.
 pub const EXIT_GROUP_FAILED: i32 = 3;
+/// The exit status of a worker in which a thread panicked (a bug: the group cannot go on with
+/// a rank thread gone, so the process ends and its supervisor restarts the group).
+pub const EXIT_PANIC: i32 = 70;
 /// Where a container's termination message is written (Kubernetes' default
 /// `terminationMessagePath`).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";

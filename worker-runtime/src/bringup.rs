@@ -118,6 +118,18 @@ pub struct ServeOptions {
     pub max_queue: usize,
 }
 
+/// Make a panic on any thread end the process with [`whaleflux_crds::worker::EXIT_PANIC`]
+/// after the default report: a rank, engine or server thread that dies leaves a group that
+/// cannot answer, and only a restart of the group brings it back.
+pub fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(%info, "a worker thread panicked; exiting");
+        std::process::exit(whaleflux_crds::worker::EXIT_PANIC);
+    }));
+}
+
 /// The context a worker serves: what was asked for, at most what the model was trained on
 /// (0 asks for the trained context).
 pub fn clamp_context(asked: usize, trained: usize) -> usize {

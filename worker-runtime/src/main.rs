@@ -11,6 +11,7 @@ use whaleflux_worker::engine::sampling::argmax;
 use whaleflux_worker::engine::{KvCache, SeqInput};
 use whaleflux_worker::health::MonitorConfig;
 use whaleflux_worker::metrics::Metrics;
+use whaleflux_worker::server::listen::{self, HttpLimits};
 use whaleflux_worker::server::{AppState, router};
 use whaleflux_worker::{Runtime, ServeOptions, Worker};
 
@@ -21,6 +22,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the OpenAI-compatible API for one GGUF model.
@@ -82,6 +85,15 @@ enum Cmd {
         /// worker exits anyway.
         #[arg(long, default_value_t = 30)]
         drain_seconds: u64,
+        /// HTTP connections served at once (more wait in the listen backlog).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// Seconds a client has to send a request's headers.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        header_timeout_seconds: u64,
+        /// Seconds a client has to send a request's body.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        body_timeout_seconds: u64,
     },
     /// Measure sharding on this machine (TP=3 threads and TCP, PP=2 under concurrent load,
     /// each against one rank in the same run); prints JSON.
@@ -167,6 +179,8 @@ struct HttpOptions {
     max_body: usize,
     api_keys: Vec<String>,
     drain: Duration,
+    limits: HttpLimits,
+    body_timeout: Duration,
 }
 
 /// SIGTERM and SIGINT, watched from the process's start: as a container's PID 1 the worker has
@@ -226,14 +240,16 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
     tracing::info!(addr = %listener.local_addr()?, model = %name, stage, api = worker.serves_api(), keys = http.api_keys.len(), "listening");
-    let app = router(state.clone(), http.max_body);
+    let app = router(state.clone(), http.max_body).layer(
+        tower_http::timeout::RequestBodyTimeoutLayer::new(http.body_timeout),
+    );
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = http.limits;
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stopped.await;
-            })
-            .await
+        listen::serve(listener, app, limits, async move {
+            let _ = http_stopped.await;
+        })
+        .await;
     });
     let mut start =
         tokio::task::spawn_blocking(move || worker.start(metrics, Arc::new(|e: String| die(&e))));
@@ -244,7 +260,10 @@ async fn serve(
             tracing::info!(signal = which, "stopping while loading");
             std::process::exit(0);
         }
-        r = &mut server => return r?.context("the HTTP server stopped"),
+        r = &mut server => {
+            r?;
+            anyhow::bail!("the HTTP server stopped");
+        }
     };
     let mut started = started.unwrap_or_else(|e| die(&e.to_string()));
     let engine = started.api.as_ref().map(|l| l.engine.clone());
@@ -265,7 +284,10 @@ async fn serve(
     let which = loop {
         tokio::select! {
             which = signals.recv() => break which,
-            r = &mut server => return r?.context("the HTTP server stopped"),
+            r = &mut server => {
+                r?;
+                anyhow::bail!("the HTTP server stopped");
+            }
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if engine.is_none() && started.ranks_done() {
                     break "the group's shutdown";
@@ -329,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    whaleflux_worker::bringup::exit_on_panic();
     match Cli::parse().cmd {
         Cmd::Serve {
             model,
@@ -346,6 +369,9 @@ async fn main() -> anyhow::Result<()> {
             termination_log,
             api_key,
             drain_seconds,
+            max_connections,
+            header_timeout_seconds,
+            body_timeout_seconds,
         } => {
             let health = MonitorConfig {
                 library: nvml_library,
@@ -360,6 +386,11 @@ async fn main() -> anyhow::Result<()> {
                 max_body,
                 api_keys: api_key,
                 drain: Duration::from_secs(drain_seconds),
+                limits: HttpLimits {
+                    max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                    header_timeout: Duration::from_secs(header_timeout_seconds),
+                },
+                body_timeout: Duration::from_secs(body_timeout_seconds),
             };
             let (cfg, stage) = match (model, config) {
                 (_, Some(path)) => read_config(&path)?,

@@ -80,3 +80,31 @@ fn a_dead_peer_makes_the_others_exit_naming_it() {
         );
     }
 }
+
+/// A deployment that names its weights by digest (`spec.model.weights.source.sha256`): the
+/// worker checks the file before loading; another file is refused with both digests named.
+#[test]
+fn the_weight_file_is_checked_against_its_digest() {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(common::model_path()).expect("model");
+    let right: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let wrong = "ab".repeat(32);
+    let mut cfgs = configs(1, 1, false, 20_000);
+    cfgs[0].model.sha256 = Some(wrong.clone());
+    let mut g = Group::spawn(&cfgs, "digest-wrong", &[]);
+    let status = g.wait_exit(0, Duration::from_secs(60));
+    assert!(!status.success(), "{}", g.log(0));
+    let log = g.log(0);
+    assert!(
+        log.contains(&right) && log.contains(&wrong) && log.contains("sha256"),
+        "the refusal names both digests:\n{log}"
+    );
+    drop(g);
+    cfgs[0].model.sha256 = Some(right.to_uppercase());
+    let g = Group::spawn(&cfgs, "digest-right", &[]);
+    g.wait_ready(&cfgs);
+    assert!(g.log(0).contains("SHA-256 matches"), "{}", g.log(0));
+}

@@ -421,6 +421,53 @@ pub fn handshake_accept<S: Read + Write>(s: &mut S, opts: &TcpOptions) -> Result
     Ok(who)
 }
 
+/// How long one handshake may take in all, however its peer paces its bytes.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A stream whose reads and writes all end by `until`: each sets its socket timeout to the
+/// time left, so a peer that sends a byte now and then cannot stretch a handshake.
+struct Bounded<'a> {
+    s: &'a mut TcpStream,
+    until: Instant,
+}
+
+impl Bounded<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the handshake took more than {} s",
+                    HANDSHAKE_DEADLINE.as_secs()
+                ),
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.s.set_write_timeout(Some(left))?;
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
 /// Where to reach one peer.
 #[derive(Debug, Clone)]
 pub struct PeerEndpoint {
@@ -468,7 +515,25 @@ pub fn connect(
             listener
                 .set_nonblocking(true)
                 .map_err(|source| CommError::Listen { port, source })?;
+            // Each handshake runs on its own thread within its own deadline, so a peer that
+            // drips bytes holds only its own connection, never the others' formation.
+            let (done_tx, done_rx) = channel::<(SocketAddr, TcpStream, Result<RankId, String>)>();
             while got.len() < expected.len() {
+                while let Ok((from, s, r)) = done_rx.try_recv() {
+                    match r {
+                        Ok(who) if expected.contains(&who) => {
+                            got.retain(|(g, _)| *g != who);
+                            got.push((who, s));
+                        }
+                        Ok(who) => {
+                            tracing::warn!(%from, %who, "refused a peer this rank does not talk to")
+                        }
+                        Err(reason) => tracing::warn!(%from, %reason, "refused a peer connection"),
+                    }
+                }
+                if got.len() >= expected.len() {
+                    break;
+                }
                 let missing = || {
                     expected
                         .iter()
@@ -486,15 +551,14 @@ pub fn connect(
                 match listener.accept() {
                     Ok((mut s, from)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                        match handshake_accept(&mut s, &acc_opts) {
-                            Ok(who) if expected.contains(&who) => {
-                                got.retain(|(g, _)| *g != who);
-                                got.push((who, s));
-                            }
-                            Ok(who) => tracing::warn!(%from, %who, "refused a peer this rank does not talk to"),
-                            Err(reason) => tracing::warn!(%from, %reason, "refused a peer connection"),
-                        }
+                        let (tx, o) = (done_tx.clone(), acc_opts.clone());
+                        let _ = std::thread::Builder::new()
+                            .name("wf-peer-handshake".into())
+                            .spawn(move || {
+                                let until = Instant::now() + HANDSHAKE_DEADLINE;
+                                let r = handshake_accept(&mut Bounded { s: &mut s, until }, &o);
+                                let _ = tx.send((from, s, r));
+                            });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(10));
@@ -549,9 +613,9 @@ fn dial(
                 left.clamp(Duration::from_millis(1), Duration::from_secs(2)),
             ) {
                 Ok(mut s) => {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                     let _ = s.set_nodelay(true);
-                    match handshake_dial(&mut s, me, opts) {
+                    let until = Instant::now() + HANDSHAKE_DEADLINE;
+                    match handshake_dial(&mut Bounded { s: &mut s, until }, me, opts) {
                         Ok(()) => {
                             tracing::info!(peer = %p.id, addr = %a, "connected to peer");
                             return Ok(s);
@@ -833,6 +897,66 @@ mod tests {
             other => panic!("rank 1 must refuse, got {:?}", other.map(|e| e.to_string())),
         }
         assert!(res[0].is_err(), "rank 0 must not admit rank 1");
+    }
+
+    /// A connection that drips its hello a byte at a time neither holds the others' formation
+    /// nor lives past the handshake deadline.
+    #[test]
+    fn a_peer_that_drips_bytes_cannot_hold_formation() {
+        let listeners: Vec<TcpListener> = (0..2).map(|_| listen(0).expect("listen")).collect();
+        let port0 = listeners[0].local_addr().expect("addr").port();
+        // The drip starts first, so an acceptor that handshakes one connection at a time
+        // would serve it before the honest rank.
+        let drip = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port0)).expect("connect");
+            let t0 = Instant::now();
+            for b in MAGIC.iter().chain([VERSION].iter()).cycle().take(200) {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                if t0.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            t0.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let eps: Vec<PeerEndpoint> = listeners
+            .iter()
+            .enumerate()
+            .map(|(r, l)| PeerEndpoint {
+                id: rank(r),
+                host: "127.0.0.1".into(),
+                port: l.local_addr().expect("addr").port(),
+            })
+            .collect();
+        let t0 = Instant::now();
+        let res: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let others: Vec<PeerEndpoint> =
+                        eps.iter().filter(|e| e.id != rank(r)).cloned().collect();
+                    let mut o = opts("s");
+                    o.timeout = Duration::from_secs(20);
+                    sc.spawn(move || connect(rank(r), l, &others, &o))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        assert!(res.iter().all(Result::is_ok), "the group formed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "formation waited {:?} for a dripping peer",
+            t0.elapsed()
+        );
+        let dripped = drip.join().expect("drip");
+        assert!(
+            dripped < HANDSHAKE_DEADLINE + Duration::from_secs(2),
+            "the dripping connection lived {dripped:?}"
+        );
     }
 
     /// A peer of another protocol version is refused, and both sides learn both versions.

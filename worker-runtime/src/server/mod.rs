@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod error;
+pub mod listen;
 pub mod request;
 
 use std::collections::VecDeque;
@@ -187,6 +188,8 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, fault.to_string()).into_response()
     } else if st.gate.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if st.loaded.get().is_some_and(|l| l.engine.stopped()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "the engine stopped").into_response()
     } else if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
         "ready".into_response()
     } else {
@@ -212,6 +215,19 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 fn body_error(rej: BytesRejection) -> ApiError {
+    // The body timeout (tower-http) surfaces as a body that failed to arrive.
+    if rej
+        .to_string()
+        .contains("not received within the designated timeout")
+    {
+        return ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "the request body did not arrive in time".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        };
+    }
     let status = rej.status();
     ApiError {
         status,
@@ -308,6 +324,25 @@ fn tokenize(l: &Loaded, text: &str, param: &str) -> Result<Vec<u32>, ApiError> {
         ));
     }
     Ok(ids)
+}
+
+/// Runs `f` (rendering the chat template, tokenizing: work that grows with the request) on the
+/// blocking pool, after admission, so a large prompt never stalls the async threads that
+/// answer everyone else (health probes included).
+async fn off_async<T: Send + 'static>(
+    st: &Arc<AppState>,
+    f: impl FnOnce(&Loaded) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || f(loaded(&st)?))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("preparing the prompt failed: {e}"),
+            kind: "server_error",
+            param: None,
+            code: None,
+        })?
 }
 
 /// Which API shape to render.
@@ -603,7 +638,7 @@ async fn completions(
         if request::boolean(&m, "echo")? {
             return Err(ApiError::invalid("echo", "'echo' is not supported"));
         }
-        let ids = tokenize(l, &prompt, "prompt")?;
+        let ids = off_async(&st, move |l| tokenize(l, &prompt, "prompt")).await?;
         let (rx, n) = submit(
             l,
             Job {
@@ -642,16 +677,19 @@ async fn chat_completions(
         let msgs = request::messages(&m)?;
         let common = request::common(&m, &["max_tokens", "max_completion_tokens"])?;
         let logprobs = request::chat_logprobs(&m)?;
-        let tpl = l.chat.as_ref().ok_or_else(|| {
-            ApiError::invalid(
-                "messages",
-                "this model has no chat template; use /v1/completions",
-            )
-        })?;
-        let text = tpl
-            .render(&msgs)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        let ids = tokenize(l, &text, "messages")?;
+        let ids = off_async(&st, move |l| {
+            let tpl = l.chat.as_ref().ok_or_else(|| {
+                ApiError::invalid(
+                    "messages",
+                    "this model has no chat template; use /v1/completions",
+                )
+            })?;
+            let text = tpl
+                .render(&msgs)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            tokenize(l, &text, "messages")
+        })
+        .await?;
         let (rx, n) = submit(
             l,
             Job {
