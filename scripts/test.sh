@@ -65,3 +65,6 @@ cargo deny --locked check --hide-inclusion-graph licenses bans sources
 
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
+
+step "fuzzing (each target ${WHALEFLUX_FUZZ_SECONDS:-20} s)"
+scripts/fuzz.sh

@@ -1,7 +1,72 @@
 //! GGUF reader: well-formed files of every value type round-trip; corrupt files fail with the
 //! key or tensor and the offset at fault, never a panic.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
 use whaleflux_worker::model::gguf::{GgmlType, Gguf, Value};
+
+/// The system allocator, counting per thread the bytes allocated and not yet freed and their
+/// peak, so a test can say how much memory a parse took.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn track(delta: isize) {
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+// SAFETY: every call goes to `System` unchanged; the counting touches only thread-locals with
+// const initialisers (no allocation, no destructor).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            track(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            track(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        track(-(l.size() as isize));
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            track(new as isize - l.size() as isize);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// `f`'s result, the most memory it held at once on this thread beyond what was held before,
+/// and how long it took.
+fn measured<T>(f: impl FnOnce() -> T) -> (T, usize, Duration) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let t0 = Instant::now();
+    let r = f();
+    let took = t0.elapsed();
+    (r, (PEAK.with(Cell::get) - base).max(0) as usize, took)
+}
 
 /// A tiny GGUF writer for tests.
 #[derive(Default)]
@@ -355,5 +420,76 @@ fn a_pre_tokenizer_we_do_not_know_is_refused_by_name() {
     assert!(
         e.contains("tokenizer.ggml.pre") && e.contains("\"deepseek-llm\" is not supported"),
         "{e}"
+    );
+}
+
+/// A metadata array claiming 2^40 items is refused at its length, naming the key and the
+/// offset, before anything is reserved for it; so is one of strings or of arrays.
+#[test]
+fn a_metadata_array_of_2_pow_40_items_fails_at_once_without_allocating() {
+    for (ity, what) in [(0u32, "u8"), (8, "string"), (9, "array")] {
+        let mut w = good();
+        let mut p = Vec::new();
+        p.extend(ity.to_le_bytes());
+        p.extend((1u64 << 40).to_le_bytes());
+        p.extend([0u8; 64]);
+        w.kv_str("general.name", "x").kv("huge", 9, &p);
+        let bytes = w.build();
+        let len = bytes.len();
+        let (r, peak, took) = measured(|| Gguf::from_bytes(bytes));
+        let e = r.expect_err("a 2^40-item array cannot fit").to_string();
+        assert!(
+            e.contains("array length of metadata key \"huge\" at offset")
+                && e.contains("1099511627776, more than the file can hold"),
+            "{what}: {e}"
+        );
+        assert!(
+            peak < len + 16 * 1024,
+            "{what}: parsing a {len}-byte file held {peak} bytes at once"
+        );
+        assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
+    }
+}
+
+/// A count the rest of the file could only just back (each item at its smallest encoding)
+/// whose items are in fact larger reserves no more than the file's size before the items run
+/// out: a count alone never sizes an allocation. An array of strings, then the metadata count.
+#[test]
+fn a_count_cannot_reserve_more_than_the_file() {
+    let item = 1 << 20;
+    let mut w = Writer::new(3);
+    let mut p = Vec::new();
+    p.extend(8u32.to_le_bytes());
+    // Every string takes at least its 8-byte length: the count passes the bound.
+    p.extend(((item as u64 + 8) / 8).to_le_bytes());
+    s(&mut p, &"x".repeat(item));
+    w.kv("tokenizer.ggml.tokens", 9, &p);
+    let bytes = w.build();
+    let len = bytes.len();
+    let (r, peak, _) = measured(|| Gguf::from_bytes(bytes));
+    let e = r.expect_err("the second item is missing").to_string();
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("truncated"),
+        "{e}"
+    );
+    // The one string read (`len`) plus the items reserved (at most `len`).
+    assert!(
+        peak <= 2 * len + 16 * 1024,
+        "array: parsing a {len}-byte file held {peak} bytes at once"
+    );
+
+    // One metadata entry (a long string) where the header claims as many as could fit.
+    let mut w = Writer::new(3);
+    w.kv_str("general.name", &"x".repeat(item));
+    let mut bytes = w.build();
+    let len = bytes.len();
+    bytes[16..24].copy_from_slice(&((len as u64 - 24) / 13).to_le_bytes());
+    let (r, peak, _) = measured(|| Gguf::from_bytes(bytes));
+    let e = r.expect_err("the second entry is missing").to_string();
+    // What follows the entry is the file's zero padding, then its end.
+    assert!(e.contains("truncated") && e.contains("metadata"), "{e}");
+    assert!(
+        peak <= 2 * len + 16 * 1024,
+        "metadata: parsing a {len}-byte file held {peak} bytes at once"
     );
 }

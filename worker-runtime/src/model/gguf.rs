@@ -369,6 +369,16 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// How many of `n` items of `T` to reserve room for when `remaining` bytes of the file are
+/// left. A count that passed its bound is backed by at least its items' smallest encodings,
+/// but an item can take far more memory than that (a `u8` array item is one byte of the file
+/// and a 32-byte [`Value`]): reserve no more than the rest of the file's size, so a count,
+/// which may still be a lie, cannot allocate far more than the file up front. Past that a
+/// vector grows only as items are actually read.
+fn capacity<T>(n: u64, remaining: u64) -> usize {
+    n.min(remaining / std::mem::size_of::<T>().max(1) as u64) as usize
+}
+
 /// Smallest encoded size of a value of type `ty`, used to bound counts before allocating.
 fn min_value_size(ty: u32) -> u64 {
     match ty {
@@ -431,7 +441,7 @@ fn read_value(c: &mut Cursor<'_>, ty: u32, key: &str, depth: u32) -> Result<Valu
                     count: n,
                 });
             }
-            let mut items = Vec::with_capacity(n as usize);
+            let mut items = Vec::with_capacity(capacity::<Value>(n, c.remaining()));
             for _ in 0..n {
                 items.push(read_value(c, ity, key, depth + 1)?);
             }
@@ -503,7 +513,7 @@ impl Gguf {
                 count: n_tensors,
             });
         }
-        let mut metadata = Vec::with_capacity(n_kv as usize);
+        let mut metadata = Vec::with_capacity(capacity::<(String, Value)>(n_kv, c.remaining()));
         let mut meta_index = HashMap::new();
         for i in 0..n_kv {
             let off = c.pos as u64;
@@ -529,7 +539,7 @@ impl Gguf {
                 a
             }
         };
-        let mut raw = Vec::with_capacity(n_tensors as usize);
+        let mut raw = Vec::with_capacity(capacity::<(u64, TensorInfo)>(n_tensors, c.remaining()));
         let mut tensor_index = HashMap::new();
         for i in 0..n_tensors {
             let off = c.pos as u64;
