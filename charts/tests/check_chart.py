@@ -245,7 +245,7 @@ def operator_config(r: Render) -> dict[str, Any]:
     cfg = yaml.safe_load(text)
     expect(isinstance(cfg, dict), f"operator.yaml is not a mapping: {text!r}")
     unknown = set(cfg) - {"workerImage", "downloadImage", "imagePullSecrets", "gpuTolerations",
-                          "allowedHostPaths", "allowedImages"}
+                          "allowedHostPaths", "allowedImages", "workerMetricsFrom"}
     expect(not unknown, f"operator.yaml has keys the operator does not know: {unknown}")
     return cfg
 

@@ -531,3 +531,46 @@ fn api_keys_drain_and_whole_group_updates_reach_the_statefulset() {
     assert_eq!(pod["automountServiceAccountToken"], false);
     assert_eq!(sts["spec"]["updateStrategy"]["type"], "OnDelete");
 }
+
+/// Each group's NetworkPolicy: the peer port only from the group's own pods, the API port from
+/// the clients the deployment names (this namespace when it names none) and the admin's
+/// metrics scrapers.
+#[test]
+fn a_network_policy_fences_each_group() {
+    let mut d = example("smollm2-135m.yaml");
+    let plan = plan_for(&d, "1x4xRTX4090");
+    let c = children::build(&d, &plan, "x", &ClusterSettings::default()).expect("build");
+    let np = serde_json::to_value(&c.groups[0].network_policy).expect("json");
+    let group = serde_json::json!({"matchLabels": {
+        "app.kubernetes.io/component": "worker", "app.kubernetes.io/instance": "smollm2",
+        "app.kubernetes.io/name": "whaleflux", "whaleflux.io/group": "0"}});
+    assert_eq!(np["spec"]["podSelector"], group, "{np}");
+    assert_eq!(np["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    assert_eq!(
+        np["spec"]["ingress"],
+        serde_json::json!([
+            {"ports": [{"port": "peer", "protocol": "TCP"}], "from": [{"podSelector": group}]},
+            {"ports": [{"port": "http", "protocol": "TCP"}], "from": [{"podSelector": {}}]},
+        ])
+    );
+    d.spec.serving.allowed_clients = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("app".to_string(), "chat-ui".to_string())].into()),
+            match_expressions: None,
+        },
+    );
+    let settings = ClusterSettings::from_yaml(
+        "workerMetricsFrom: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]\n",
+    )
+    .expect("settings");
+    let c = children::build(&d, &plan, "x", &settings).expect("build");
+    let np = serde_json::to_value(&c.groups[0].network_policy).expect("json");
+    assert_eq!(
+        np["spec"]["ingress"][1]["from"],
+        serde_json::json!([{"podSelector": {"matchLabels": {"app": "chat-ui"}}}])
+    );
+    assert_eq!(
+        np["spec"]["ingress"][2]["from"],
+        serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+    );
+}

@@ -80,7 +80,8 @@ operator pods on change.
 */}}
 {{- define "whaleflux.operatorConfig" -}}
 # WhaleFlux operator configuration, rendered by the Helm chart (values workerImage,
-# downloadImage, imagePullSecrets, gpuTolerations, allowedHostPaths, allowedImages). Change it with `helm upgrade`, which restarts
+# downloadImage, imagePullSecrets, gpuTolerations, allowedHostPaths, allowedImages,
+# workerMetricsFrom). Change it with `helm upgrade`, which restarts
 # the operator.
 workerImage: {{ include "whaleflux.imageRef" (dict "image" .Values.workerImage "root" .) | quote }}
 downloadImage: {{ include "whaleflux.imageRef" (dict "image" .Values.downloadImage "root" .) | quote }}
@@ -92,4 +93,5 @@ imagePullSecrets: {{ $names | toJson }}
 gpuTolerations: {{ .Values.gpuTolerations | default list | toJson }}
 allowedHostPaths: {{ .Values.allowedHostPaths | default list | toJson }}
 allowedImages: {{ .Values.allowedImages | default list | toJson }}
+workerMetricsFrom: {{ .Values.workerMetricsFrom | default list | toJson }}
 {{- end }}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -23,7 +24,7 @@ use super::events::Severity;
 use super::failover;
 use super::{Context, Error};
 use crate::planner::{self, PlanRequest, Pool};
-use crate::resources::children::{self, Children, FIELD_MANAGER, MANAGED_BY, SECRET_KEY};
+use crate::resources::children::{self, Children, FIELD_MANAGER, MANAGED_BY};
 use crate::status::condition;
 use crate::status::deployment::{
     GroupFault, GroupState, Planned, Rollout, condition_of, deployment_status, group_state,
@@ -293,16 +294,41 @@ async fn choose_plan(d: &LlmDeployment, ctx: &Context, now: Timestamp) -> Planne
 }
 
 /// The deployment's group secret, and whether it is already stored.
-async fn group_secret(api: &Api<Secret>, name: &str) -> Result<(String, bool), Error> {
-    if let Some(s) = api.get_opt(&children::secret_name(name)).await?
-        && let Some(v) = s.data.as_ref().and_then(|d| d.get(SECRET_KEY))
-        && !v.0.is_empty()
+/// Create the deployment's group secret once, with a value generated here (32 random bytes,
+/// hex). The operator never reads Secrets (its role grants no `get` on them): a secret that
+/// already exists (409) is kept as it is, since running groups depend on its value.
+async fn ensure_group_secret(
+    api: &Api<Secret>,
+    ctx: &Context,
+    d: &LlmDeployment,
+    plan: &whaleflux_crds::Plan,
+) -> Result<(), Error> {
+    let k = key(d);
+    if ctx
+        .secrets_made
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&k)
     {
-        return Ok((String::from_utf8_lossy(&v.0).into_owned(), true));
+        return Ok(());
     }
-    // 32 random bytes, hex: generated here at the IO edge, once per deployment.
     let bytes: [u8; 32] = rand::random();
-    Ok((bytes.iter().map(|b| format!("{b:02x}")).collect(), false))
+    let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = children::build(d, plan, &value, &ctx.settings)?.secret;
+    let pp = kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..kube::api::PostParams::default()
+    };
+    match api.create(&pp, &secret).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.secrets_made
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(k);
+    Ok(())
 }
 
 async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
@@ -320,15 +346,14 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
     let mut created_now = false;
     if let (true, Some(plan)) = (planned.condition.0, planned.plan.as_ref()) {
         let secret_api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-        let (secret, exists) = group_secret(&secret_api, &name).await?;
-        let built: Children = children::build(&d, plan, &secret, &ctx.settings)?;
-        // The secret is written once: its value must not change under running groups.
-        if !exists {
-            ssa(&secret_api, &built.secret).await?;
-        }
+        ensure_group_secret(&secret_api, ctx, &d, plan).await?;
+        // The secret's value is not known here (it is never read back): the built Secret
+        // is not applied, the pods only reference it by name.
+        let built: Children = children::build(&d, plan, "", &ctx.settings)?;
         let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
         let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+        let np_api: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
         let states: BTreeMap<i32, GroupState> =
             existing.iter().map(|(i, (_, s))| (*i, s.clone())).collect();
         let hashes: Vec<(i32, &str)> = built
@@ -377,6 +402,7 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
                 // The group's config first: its pods read it when they start.
                 ssa(&cm_api, &g.config_map).await?;
                 ssa(&svc_api, &g.headless).await?;
+                ssa(&np_api, &g.network_policy).await?;
                 ssa(&sts_api, &g.statefulset).await?;
             }
             // A group still on the old configuration keeps serving until its turn; the one
@@ -403,6 +429,7 @@ async fn apply(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error> {
             let sts_name = sts.name_any();
             ignore_not_found(sts_api.delete(&sts_name, &dp).await)?;
             ignore_not_found(svc_api.delete(&sts_name, &dp).await)?;
+            ignore_not_found(np_api.delete(&sts_name, &dp).await)?;
             ignore_not_found(
                 cm_api
                     .delete(&children::config_map_name(&name, *index), &dp)
@@ -550,6 +577,9 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error>
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
         .delete_collection(&dp, &lp)
         .await?;
+    Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+        .delete_collection(&dp, &lp)
+        .await?;
     Api::<Secret>::namespaced(client.clone(), &ns)
         .delete_collection(&dp, &lp)
         .await?;
@@ -567,6 +597,10 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error>
     }
     ctx.metrics.forget_deployment(&ns, &name);
     failover::forget(ctx, &key(&d));
+    ctx.secrets_made
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key(&d));
     tracing::info!(deployment = %key(&d), "children removed; releasing the finalizer");
     Ok(Requeue::await_change())
 }

@@ -171,6 +171,8 @@ pub struct Context {
     pub failover: Mutex<HashMap<String, failover::Memory>>,
     /// When each pool's status was last written, so allocation changes are coalesced.
     pub pool_writes: Mutex<HashMap<String, Instant>>,
+    /// Deployments whose group secret this process has created (or found already there).
+    pub secrets_made: Mutex<std::collections::HashSet<String>>,
     /// Per-object backoff.
     pub backoff: Backoff,
     /// Bumped when nodes or allocations change: the pool controller recomputes every pool.
@@ -484,6 +486,7 @@ async fn controllers(
             .unwrap_or(SignedDuration::from_secs(60)),
         failover: Mutex::new(HashMap::new()),
         pool_writes: Mutex::new(HashMap::new()),
+        secrets_made: Mutex::new(std::collections::HashSet::new()),
         backoff: Backoff::default(),
         pool_trigger: trigger_tx,
         settings: cfg.settings.clone(),

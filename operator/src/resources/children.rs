@@ -93,6 +93,8 @@ pub struct GroupChildren {
     pub headless: Service,
     /// Plan and worker configuration.
     pub config_map: ConfigMap,
+    /// Who may reach the group's pods.
+    pub network_policy: k8s_openapi::api::networking::v1::NetworkPolicy,
 }
 
 /// Name of replica group `group`'s StatefulSet and headless Service (pods: `<this>-<stage>`).
@@ -560,6 +562,14 @@ fn build_group(
         }),
         status: None,
     };
+    let mut policy_labels = labels(name, "network-policy");
+    policy_labels.insert(GROUP_LABEL.into(), group.to_string());
+    let network_policy = pod::network_policy(
+        meta(sts_name.clone(), ns, policy_labels, owner),
+        &selector,
+        &spec.serving,
+        &settings.worker_metrics_from,
+    );
     let mut peers_labels = labels(name, "peers");
     peers_labels.insert(GROUP_LABEL.into(), group.to_string());
     let headless = Service {
@@ -596,5 +606,6 @@ fn build_group(
         statefulset,
         headless,
         config_map,
+        network_policy,
     }
 }

@@ -7,6 +7,14 @@ use k8s_openapi::api::core::v1::{
     Lifecycle, LifecycleHandler, PersistentVolumeClaimVolumeSource, PodSecurityContext,
     SeccompProfile, SecretKeySelector, SecurityContext, SleepAction, Volume, VolumeMount,
 };
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use whaleflux_crds::{LlmDeployment, ServingSpec};
 
 use super::children::MODEL_DIR;
@@ -90,6 +98,59 @@ pub fn api_key_env(serving: &ServingSpec) -> Option<EnvVar> {
         }),
         ..EnvVar::default()
     })
+}
+
+/// Who may reach one replica group's pods: the peer port only its own pods (activations and
+/// all-reduce carry the model's state), the API port the clients the deployment names (this
+/// namespace's pods when it names none) and whoever the admin lets scrape metrics. Egress is
+/// left alone.
+pub fn network_policy(
+    meta: ObjectMeta,
+    group_pods: &BTreeMap<String, String>,
+    serving: &ServingSpec,
+    metrics_from: &[NetworkPolicyPeer],
+) -> NetworkPolicy {
+    let port = |name: &str| NetworkPolicyPort {
+        port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        end_port: None,
+    };
+    let group = LabelSelector {
+        match_labels: Some(group_pods.clone()),
+        match_expressions: None,
+    };
+    let clients = NetworkPolicyPeer {
+        pod_selector: Some(serving.allowed_clients.clone().unwrap_or_default()),
+        ..NetworkPolicyPeer::default()
+    };
+    let mut ingress = vec![
+        NetworkPolicyIngressRule {
+            ports: Some(vec![port("peer")]),
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(group.clone()),
+                ..NetworkPolicyPeer::default()
+            }]),
+        },
+        NetworkPolicyIngressRule {
+            ports: Some(vec![port("http")]),
+            from: Some(vec![clients]),
+        },
+    ];
+    if !metrics_from.is_empty() {
+        ingress.push(NetworkPolicyIngressRule {
+            ports: Some(vec![port("http")]),
+            from: Some(metrics_from.to_vec()),
+        });
+    }
+    NetworkPolicy {
+        metadata: meta,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(group),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            egress: None,
+        }),
+    }
 }
 
 /// The scratch volume and its mount.

@@ -26,6 +26,9 @@ pub struct ClusterSettings {
     /// hostPath volume reads the node's file system, so only where an admin says). Empty: no
     /// hostPath weights at all.
     pub allowed_host_paths: Vec<String>,
+    /// Who may reach every worker's HTTP port besides the deployment's clients, for scraping
+    /// `/metrics` (NetworkPolicyPeer objects, e.g. the monitoring namespace). Empty: no one.
+    pub worker_metrics_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
     /// Image repositories `spec.image` may name (`registry.example/team/worker` allows that
     /// repository at any tag or digest; a trailing `/` allows everything under it). Empty: any.
     pub allowed_images: Vec<String>,
@@ -131,6 +134,7 @@ impl Default for ClusterSettings {
             gpu_tolerations: Vec::new(),
             allowed_host_paths: vec![DEFAULT_HOST_PATH.into()],
             allowed_images: Vec::new(),
+            worker_metrics_from: Vec::new(),
         }
     }
 }
@@ -140,7 +144,7 @@ impl Default for ClusterSettings {
 pub enum SettingsError {
     /// Not valid YAML for [`ClusterSettings`] (unknown keys included).
     #[error(
-        "operator settings: {0} (keys: workerImage, downloadImage, imagePullSecrets, gpuTolerations, allowedHostPaths, allowedImages; see the chart's values.yaml)"
+        "operator settings: {0} (keys: workerImage, downloadImage, imagePullSecrets, gpuTolerations, allowedHostPaths, allowedImages, workerMetricsFrom; see the chart's values.yaml)"
     )]
     Parse(#[from] serde_yaml::Error),
     /// An empty `workerImage` would give pods no image.

@@ -756,7 +756,17 @@ mod tests {
         n: usize,
         opts_of: impl Fn(usize) -> TcpOptions,
     ) -> Vec<Result<HashMap<RankId, Arc<TcpConn>>, CommError>> {
-        let listeners: Vec<TcpListener> = (0..n).map(|_| listen(0).expect("listen")).collect();
+        mesh_on(
+            (0..n).map(|_| listen(0).expect("listen")).collect(),
+            opts_of,
+        )
+    }
+
+    /// Every rank of `listeners` connected to every other, each on its own thread.
+    fn mesh_on(
+        listeners: Vec<TcpListener>,
+        opts_of: impl Fn(usize) -> TcpOptions,
+    ) -> Vec<Result<HashMap<RankId, Arc<TcpConn>>, CommError>> {
         let eps: Vec<PeerEndpoint> = listeners
             .iter()
             .enumerate()
@@ -922,30 +932,8 @@ mod tests {
             t0.elapsed()
         });
         std::thread::sleep(Duration::from_millis(100));
-        let eps: Vec<PeerEndpoint> = listeners
-            .iter()
-            .enumerate()
-            .map(|(r, l)| PeerEndpoint {
-                id: rank(r),
-                host: "127.0.0.1".into(),
-                port: l.local_addr().expect("addr").port(),
-            })
-            .collect();
         let t0 = Instant::now();
-        let res: Vec<_> = std::thread::scope(|sc| {
-            let hs: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let others: Vec<PeerEndpoint> =
-                        eps.iter().filter(|e| e.id != rank(r)).cloned().collect();
-                    let mut o = opts("s");
-                    o.timeout = Duration::from_secs(20);
-                    sc.spawn(move || connect(rank(r), l, &others, &o))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().expect("thread")).collect()
-        });
+        let res = mesh_on(listeners, |_| opts("s"));
         assert!(res.iter().all(Result::is_ok), "the group formed");
         assert!(
             t0.elapsed() < Duration::from_secs(3),
