@@ -254,6 +254,9 @@ pub(super) fn spawn(
             .collect()
     };
     let mut argv = strs(&c["command"]);
+    // The program an image maps to lives on this machine, not in the container's file system:
+    // the mounts do not apply to it (a worker built under /tmp must not become the pod's /tmp).
+    let mut program = None;
     if argv.is_empty() {
         let image = c["image"].as_str().unwrap_or_default();
         let base = image
@@ -264,7 +267,7 @@ pub(super) fn spawn(
             .next()
             .unwrap_or_default();
         match cfg.images.get(base) {
-            Some(p) => argv.push(p.display().to_string()),
+            Some(p) => program = Some(p.display().to_string()),
             None => {
                 return Err((
                     "ErrImageNeverPull".into(),
@@ -286,7 +289,10 @@ pub(super) fn spawn(
     std::fs::create_dir_all(&dir).map_err(io)?;
     std::fs::write(&message, "").map_err(io)?;
     mounts.push((termination_message_path(c).to_string(), message));
-    let argv: Vec<String> = argv.iter().map(|a| rewrite(a, &mounts)).collect();
+    let argv: Vec<String> = program
+        .into_iter()
+        .chain(argv.iter().map(|a| rewrite(a, &mounts)))
+        .collect();
     let env: Vec<(String, String)> = env
         .into_iter()
         .map(|(k, v)| (k, rewrite(&v, &mounts)))
