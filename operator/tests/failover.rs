@@ -403,6 +403,17 @@ async fn a_dead_node_moves_its_group_and_lost_capacity_comes_back() {
             condition(&s, "Degraded").0 == "False" && ready_groups(&client, 2).await
         })
         .await;
+
+        // Deleting the deployment while a node of it is dead: its pod there stays Terminating
+        // (no kubelet confirms), and the finalizer must not wait for it for ever.
+        let (_, gone, _) = pod(&client, "smollm2-g1-0").await.expect("group 1");
+        kubelet.power_off(&gone);
+        c.kubectl_ok(&["delete", "llmd", "smollm2", "--wait=false"], None);
+        let llmds: Api<LlmDeployment> = Api::namespaced(client.clone(), "default");
+        c.eventually_or_diagnose(&op, "the deployment deleted", WAIT, || async {
+            llmds.get_opt("smollm2").await.is_ok_and(|d| d.is_none())
+        })
+        .await;
     };
     bounded(Duration::from_secs(480), body).await;
     drop(op);

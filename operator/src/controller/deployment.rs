@@ -583,14 +583,36 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error>
     Api::<Secret>::namespaced(client.clone(), &ns)
         .delete_collection(&dp, &lp)
         .await?;
-    // The pods go with their StatefulSets (garbage collection); wait until they have.
-    let pods = Api::<Pod>::namespaced(client, &ns)
+    // The pods go with their StatefulSets (garbage collection); wait until they have. A pod on a
+    // node that has been down past the grace period never confirms its deletion (no kubelet
+    // runs there): force-delete it, as failover does, or the finalizer would wait for ever.
+    let pod_api = Api::<Pod>::namespaced(client, &ns);
+    let pods = pod_api
         .list(&ListParams::default().labels(&children::worker_selector_string(&name)))
         .await?
-        .items
-        .len();
-    if pods > 0 {
-        return Err(Error::ChildrenRemain(pods));
+        .items;
+    let now = Timestamp::now();
+    for p in &pods {
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        let dead = node.as_ref().and_then(|n| {
+            ctx.nodes
+                .get(&ObjectRef::new(n))
+                .map(|n| crate::status::failover::NodeView::of(&n))
+        });
+        if let Some(v) = dead
+            && !v.ready
+            && v.since.is_some_and(|t| t + ctx.node_grace <= now)
+        {
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            ignore_not_found(pod_api.delete(&p.name_any(), &dp).await)?;
+            tracing::warn!(pod = %p.name_any(), node = %v.name, "force-deleted a pod of a dead node so the deletion can finish");
+        }
+    }
+    if !pods.is_empty() {
+        return Err(Error::ChildrenRemain(pods.len()));
     }
     if ctx.ledger.remove(&key(&d)) {
         ctx.pool_changed();
