@@ -591,6 +591,7 @@ fn dial(
     deadline: Instant,
 ) -> Result<TcpStream, CommError> {
     let mut last = String::from("not tried");
+    let mut refusal: Option<String> = None;
     let mut logged = false;
     while Instant::now() < deadline {
         let addrs: Vec<SocketAddr> = match super::dns::resolve(&p.host, p.port) {
@@ -620,7 +621,15 @@ fn dial(
                             tracing::info!(peer = %p.id, addr = %a, "connected to peer");
                             return Ok(s);
                         }
-                        Err(e) => last = format!("handshake with {a}: {e}"),
+                        Err(e) => {
+                            let e = format!("handshake with {a}: {e}");
+                            // A peer that answered and refused says more than a later attempt
+                            // cut short (its listener closing at its own deadline).
+                            if refusal.is_none() && !e.contains("no handshake reply") {
+                                refusal = Some(e.clone());
+                            }
+                            last = e;
+                        }
                     }
                 }
                 Err(e) => last = format!("{a}: {e}"),
@@ -636,7 +645,7 @@ fn dial(
         peer: p.id,
         addr: format!("{}:{}", p.host, p.port),
         ms: opts.timeout.as_millis() as u64,
-        reason: last,
+        reason: refusal.unwrap_or(last),
     })
 }
 
