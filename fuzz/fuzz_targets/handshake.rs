@@ -1,4 +1,4 @@
-//! Fuzz the peer handshake (`comm::tcp`) over in-memory streams.
+//! Fuzz the peer handshake (`comm::handshake`) over in-memory streams.
 //!
 //! The first byte picks the mode:
 //! - 0: this rank accepts, the rest is what the dialing peer sends;
@@ -8,7 +8,8 @@
 //!   side sends is checked or covered by the other's MAC, so: the listener admits only the
 //!   dialer's own identity, and only when nothing the dialer sent was changed; the dialer
 //!   succeeds only when nothing the listener sent was changed; untouched, both succeed exactly
-//!   when their groups and secrets agree. None of this depends on the byte layout.
+//!   when their groups and secrets agree, and then each side's sending key is the other's
+//!   receiving key. None of this depends on the byte layout.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -20,7 +21,8 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use whaleflux_worker::comm::RankId;
-use whaleflux_worker::comm::tcp::{TcpOptions, handshake_accept, handshake_dial};
+use whaleflux_worker::comm::handshake::{handshake_accept, handshake_dial};
+use whaleflux_worker::comm::tcp::TcpOptions;
 
 /// Options as a worker builds them (from the environment), with this group and secret.
 fn opts(group: i32, secret: &[u8]) -> TcpOptions {
@@ -212,7 +214,7 @@ fuzz_target!(|data: &[u8]| {
                 (dialer.join().expect("the dialer panicked"), (r, tampered))
             });
             let agree = m.same_secret && m.dial_group == m.accept_group;
-            if let Ok(who) = &accepted {
+            if let Ok((who, _)) = &accepted {
                 assert_eq!(*who, me, "admitted a peer under another identity");
                 assert!(agree, "admitted a peer of another group or secret");
                 assert!(!dial_tampered, "admitted a dialer whose bytes were changed");
@@ -227,6 +229,12 @@ fuzz_target!(|data: &[u8]| {
             if !dial_tampered && !accept_tampered {
                 assert_eq!(accepted.is_ok(), agree, "listener: {accepted:?}");
                 assert_eq!(dialed.is_ok(), agree, "dialer: {dialed:?}");
+            }
+            if let (Ok((_, theirs)), Ok(ours)) = (&accepted, &dialed) {
+                assert!(
+                    ours.send == theirs.recv && ours.recv == theirs.send && ours.send != ours.recv,
+                    "the two ends derived different frame keys"
+                );
             }
         }
     }

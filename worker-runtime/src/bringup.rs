@@ -156,7 +156,7 @@ pub fn chat_template(g: &Gguf, tk: &ModelTokenizer) -> Result<Option<ChatTemplat
 /// The digest of what every rank of a group must agree on: the model file, the plan, the
 /// group and its peers, the serving limits and the peer timeout. What differs between the
 /// ranks of one group (stage, TP rank, ports, threads) is left out.
-pub fn group_digest(cfg: &WorkerConfig) -> [u8; comm::tcp::DIGEST] {
+pub fn group_digest(cfg: &WorkerConfig) -> [u8; comm::handshake::DIGEST] {
     use sha2::{Digest, Sha256};
     let shared = serde_json::json!({
         "model": cfg.model,
@@ -167,8 +167,8 @@ pub fn group_digest(cfg: &WorkerConfig) -> [u8; comm::tcp::DIGEST] {
         "peerTimeoutMs": cfg.peer_timeout_ms,
     });
     let d = Sha256::digest(shared.to_string().as_bytes());
-    let mut out = [0u8; comm::tcp::DIGEST];
-    out.copy_from_slice(&d[..comm::tcp::DIGEST]);
+    let mut out = [0u8; comm::handshake::DIGEST];
+    out.copy_from_slice(&d[..comm::handshake::DIGEST]);
     out
 }
 
@@ -219,6 +219,8 @@ pub struct Started {
     /// This process's rank threads other than the API rank's engine: they end when the group
     /// shuts down cleanly (the API rank stopped after a drain).
     ranks: Vec<JoinHandle<()>>,
+    /// Raised once the whole group has formed (every rank loaded and connected).
+    pub formed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Started {
@@ -448,6 +450,10 @@ impl Worker {
                 })?);
             }
         }
+        let formed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for r in &mut ranks {
+            r.formed = formed.clone();
+        }
         let mut rest = ranks.into_iter();
         let Some(r0) = rest.next() else {
             unreachable!("a stage has at least one rank")
@@ -470,6 +476,7 @@ impl Worker {
             return Ok(Started {
                 api: None,
                 ranks: threads,
+                formed,
             });
         }
         let leader = engine::Leader::new(r0, pp);
@@ -503,6 +510,7 @@ impl Worker {
                 context,
             }),
             ranks: threads,
+            formed,
         })
     }
 }

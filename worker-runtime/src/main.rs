@@ -273,10 +273,8 @@ async fn serve(
             tracing::info!("group connected and loaded, serving the API");
         }
         None => {
-            state
-                .peer_ready
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            tracing::info!("rank connected and loaded");
+            let _ = state.group_formed.set(started.formed.clone());
+            tracing::info!("rank connected and loaded; Ready once the whole group has formed");
         }
     }
     // Serve until a stop signal, or until the group shuts down under a rank that serves no API

@@ -6,8 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::procs::{Group, configs, http};
+use common::procs::{GROUP_SECRET, Group, configs, http};
 use serde_json::{Value, json};
+use whaleflux_worker::bringup::group_digest;
+use whaleflux_worker::comm::tcp::{self, PeerEndpoint, TcpOptions};
+use whaleflux_worker::comm::{Link, Msg, RankId};
 
 fn complete(port: u16, prompt: &str) -> String {
     let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0})
@@ -79,6 +82,112 @@ fn a_dead_peer_makes_the_others_exit_naming_it() {
             "stage {i} must name the dead stage 2: {line}"
         );
     }
+}
+
+/// A rank other than the API rank is Ready only once its whole group has formed: stage 1's
+/// three TP processes load and connect to each other, but stay 503 (saying why) while stage
+/// 0 is missing; once stage 0 starts, all six are Ready.
+#[test]
+fn a_rank_is_ready_only_once_its_whole_group_has_formed() {
+    let cfgs = configs(3, 2, true, 60_000);
+    // Stage-major: 0..3 are stage 0's TP ranks, 3..6 stage 1's.
+    let mut g = Group::spawn_only(&cfgs, "formed", &[], &[3, 4, 5]);
+    let t = Instant::now();
+    while !g.log(4).contains("rank connected and loaded") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "stage 1 TP rank 1 did not connect to its TP peers:\n{}",
+            g.log(4)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let addr = format!("127.0.0.1:{}", cfgs[4].ports.http);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (code, _, body) = http(&addr, "GET", "/readyz", &[], "").expect("readyz");
+        assert_eq!(code, 503, "Ready before stage 0 exists: {body}");
+        assert!(
+            body.contains("waiting for the whole group to form"),
+            "{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    g.spawn_more(&cfgs, &[], &[0, 1, 2]);
+    g.wait_ready(&cfgs);
+}
+
+/// A peer whose transport still heartbeats but whose engine never answers a step: the API
+/// rank fails the group within the peer timeout, naming it, rather than holding the request.
+/// The test plays stage 1 with the real transport (handshake, tagged frames, heartbeats) and
+/// an engine that swallows every step.
+#[test]
+fn a_peer_that_heartbeats_but_never_answers_fails_the_group_within_the_timeout() {
+    let mut cfgs = configs(1, 2, false, 2_000);
+    for c in &mut cfgs {
+        c.formation_timeout_ms = 60_000;
+    }
+    let mut g = Group::spawn_only(&cfgs, "stuck", &[], &[0]);
+    let (c0, c1) = (&cfgs[0], &cfgs[1]);
+    let opts = TcpOptions {
+        group: c1.group,
+        secret: GROUP_SECRET.as_bytes().to_vec(),
+        timeout: Duration::from_millis(c1.peer_timeout_ms as u64),
+        on_fail: None,
+        connect_by: Some(Instant::now() + Duration::from_secs(60)),
+        config_digest: group_digest(c1),
+    };
+    let stage0 = RankId {
+        stage: 0,
+        tp_rank: 0,
+    };
+    let listener = tcp::listen_on("127.0.0.1", c1.ports.peer as u16).expect("peer port");
+    let endpoint = PeerEndpoint {
+        id: stage0,
+        host: "127.0.0.1".into(),
+        port: c0.ports.peer as u16,
+    };
+    let me = RankId {
+        stage: 1,
+        tp_rank: 0,
+    };
+    let conns = tcp::connect(me, listener, &[endpoint], &opts).expect("joined stage 0");
+    let link = conns[&stage0].clone();
+    link.send(&Msg::Ready).expect("ready");
+    let swallow = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while let Ok(m) = link.recv() {
+            got.push(m.kind());
+        }
+        got
+    });
+    g.wait_ready(&cfgs[..1]);
+    let t = Instant::now();
+    let body = json!({"model": "smollm2", "prompt": "Hello", "max_tokens": 4}).to_string();
+    let answer = http(
+        &format!("127.0.0.1:{}", c0.ports.http),
+        "POST",
+        "/v1/completions",
+        &[],
+        &body,
+    );
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the request was held {took:?} (peer timeout 2 s)"
+    );
+    assert!(
+        answer.as_ref().is_none_or(|a| a.0 >= 500),
+        "a stuck group answered {answer:?}"
+    );
+    let status = g.wait_exit(0, Duration::from_secs(10));
+    assert!(!status.success(), "stage 0 must exit non-zero");
+    let log = g.log(0);
+    assert!(
+        log.contains("stage 1 TP rank 0") && log.contains("answered nothing for 2000 ms"),
+        "stage 0 must name the stuck peer:\n{log}"
+    );
+    let got = swallow.join().expect("stage 1");
+    assert!(got.starts_with(&["formed", "step"]), "{got:?}");
 }
 
 /// A deployment that names its weights by digest (`spec.model.weights.source.sha256`): the

@@ -6,6 +6,7 @@
 //! heartbeats, timeouts). A peer that dies or stalls turns into a [`CommError`] naming it.
 
 pub mod dns;
+pub mod handshake;
 pub mod local;
 pub mod tcp;
 pub mod wire;
@@ -44,6 +45,19 @@ pub enum CommError {
     /// Nothing, not even a heartbeat, arrived from the peer in time.
     #[error("peer {peer} ({addr}) sent nothing for {ms} ms: it is stalled or dead")]
     Timeout {
+        /// Which rank.
+        peer: RankId,
+        /// Where it was.
+        addr: String,
+        /// The timeout.
+        ms: u64,
+    },
+    /// The peer's link is alive (heartbeats) but what this rank waits for inside a step did not
+    /// come in time.
+    #[error(
+        "peer {peer} ({addr}) still sends heartbeats but answered nothing for {ms} ms inside a step: its engine is stuck (or one step takes longer than the peer timeout: raise peerTimeoutMs)"
+    )]
+    NoReply {
         /// Which rank.
         peer: RankId,
         /// Where it was.
@@ -148,6 +162,9 @@ pub struct Step {
 pub enum Msg {
     /// The sender and everything behind it is loaded and connected.
     Ready,
+    /// The whole group is loaded and connected (from the API rank down every link after the
+    /// `Ready`s came up): ranks other than the API rank are Ready from then on.
+    Formed,
     /// Run a step.
     Step(Step),
     /// Logits of a step (last stage to stage 0): one `vocab`-wide row per sequence with rows.
@@ -172,6 +189,7 @@ impl Msg {
     pub fn kind(&self) -> &'static str {
         match self {
             Msg::Ready => "ready",
+            Msg::Formed => "formed",
             Msg::Step(_) => "step",
             Msg::Logits { .. } => "logits",
             Msg::Reduce(_) => "reduce",
@@ -187,8 +205,16 @@ pub trait Link: Send + Sync {
     fn peer(&self) -> RankId;
     /// Send a message (never blocks on the peer's compute).
     fn send(&self, msg: &Msg) -> Result<(), CommError>;
-    /// Wait for the next message; fails when the peer dies or stalls.
+    /// Wait for the next message; fails when the peer dies or stalls. For waits of an idle
+    /// rank (the next step may be hours away): heartbeats prove the peer alive meanwhile.
     fn recv(&self) -> Result<Msg, CommError>;
+    /// Wait for a message the peer owes this rank inside a step (logits, an all-reduce part):
+    /// fails when it has not come within the peer timeout, even while heartbeats still flow
+    /// (the peer's engine is stuck). Links inside one process wait as [`Link::recv`] does: a
+    /// thread that dies there ends the process.
+    fn recv_reply(&self) -> Result<Msg, CommError> {
+        self.recv()
+    }
 }
 
 /// Sum `parts` (one slice per rank, in rank order) into `out`.
@@ -213,6 +239,9 @@ impl<L: Link + Sync + ?Sized> Link for std::sync::Arc<L> {
     }
     fn recv(&self) -> Result<Msg, CommError> {
         (**self).recv()
+    }
+    fn recv_reply(&self) -> Result<Msg, CommError> {
+        (**self).recv_reply()
     }
 }
 

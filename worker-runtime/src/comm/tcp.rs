@@ -1,32 +1,27 @@
 //! TCP transport between processes: one connection per pair of ranks that talk (the higher rank
-//! dials the lower), opened with a mutual HMAC-SHA256 challenge over the group secret, then
-//! length-prefixed frames ([`super::wire`]). A reader thread per connection drains the socket
-//! (so sends never deadlock on full buffers) and enforces the peer timeout: heartbeats flow
-//! while a link is idle, so silence longer than the timeout means the peer is stalled or dead.
+//! dials the lower), opened with the group-secret handshake ([`super::handshake`]), then
+//! length-prefixed frames ([`super::wire`]), each tagged with the link's session key. A reader
+//! thread per connection drains the socket (so sends never deadlock on full buffers) and
+//! enforces the peer timeout: heartbeats flow while a link is idle, so silence longer than the
+//! timeout means the peer is stalled or dead; a reply a rank waits for inside a step
+//! ([`Link::recv_reply`]) must come within the timeout too, so a peer whose heartbeats still
+//! flow but whose engine no longer answers fails the group instead of hanging it.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
+use super::handshake::{
+    Bounded, DIGEST, HANDSHAKE_DEADLINE, Opener, Sealer, SessionKeys, TAG, handshake_accept,
+    handshake_dial,
+};
 use super::wire::{self, MAX_FRAME};
 use super::{Collective, CommError, Link, Msg, RankId, sum_in_rank_order};
-
-const MAGIC: &[u8; 4] = b"WFLX";
-/// The peer protocol's version: the hello, the frames and the messages. Ranks of one group must
-/// speak the same one (version 2 added the configuration digest to the hello).
-pub const VERSION: u8 = 2;
-const NONCE: usize = 32;
-/// Bytes of a group configuration digest.
-pub const DIGEST: usize = 8;
-/// The hello after the magic and the version: group, stage, TP rank, digest, nonce.
-const HELLO_REST: usize = 12 + DIGEST + NONCE;
 
 /// Called once, from the connection's reader thread, when a peer fails (so a worker process can
 /// exit at once even while it is idle and nobody is waiting on the link).
@@ -73,10 +68,24 @@ impl TcpOptions {
 pub struct TcpConn {
     peer: RankId,
     addr: String,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Writer>,
     rx: Mutex<Receiver<Result<Msg, CommError>>>,
     closed: Arc<AtomicBool>,
     stream: TcpStream,
+    timeout: Duration,
+}
+
+/// The sending half of a link: frames are tagged and numbered in the order they are written.
+struct Writer {
+    s: TcpStream,
+    seal: Sealer,
+}
+
+impl Writer {
+    fn write_frame(&mut self, mut frame: Vec<u8>) -> std::io::Result<()> {
+        self.seal.seal(&mut frame);
+        self.s.write_all(&frame)
+    }
 }
 
 impl Drop for TcpConn {
@@ -106,6 +115,7 @@ impl TcpConn {
     fn start(
         peer: RankId,
         stream: TcpStream,
+        keys: &SessionKeys,
         opts: &TcpOptions,
     ) -> Result<Arc<TcpConn>, CommError> {
         let addr = stream
@@ -118,6 +128,7 @@ impl TcpConn {
         let (tx, rx) = channel();
         let closed = Arc::new(AtomicBool::new(false));
         let mut reader = stream.try_clone().map_err(err)?;
+        let mut opener = Opener::new(keys);
         let (r_closed, r_addr, timeout, hook) = (
             closed.clone(),
             addr.clone(),
@@ -133,17 +144,21 @@ impl TcpConn {
                         break io_err(peer, &r_addr, timeout, &e);
                     }
                     let len = u32::from_le_bytes(len) as usize;
-                    if len == 0 || len > MAX_FRAME {
+                    if len <= TAG || len > MAX_FRAME + TAG {
                         break CommError::Protocol {
                             peer,
                             detail: format!("frame of {len} bytes"),
                         };
                     }
-                    let mut body = vec![0u8; len];
-                    if let Err(e) = reader.read_exact(&mut body) {
+                    let mut frame = vec![0u8; len];
+                    if let Err(e) = reader.read_exact(&mut frame) {
                         break io_err(peer, &r_addr, timeout, &e);
                     }
-                    match wire::decode(&body) {
+                    let body = match opener.open(&frame) {
+                        Ok(b) => b,
+                        Err(detail) => break CommError::Protocol { peer, detail },
+                    };
+                    match wire::decode(body) {
                         Ok(None) => {}
                         Ok(Some(Msg::Abort(reason))) => {
                             break CommError::Closed {
@@ -176,7 +191,10 @@ impl TcpConn {
                 let _ = tx.send(Err(e));
             })
             .map_err(err)?;
-        let writer = Mutex::new(stream.try_clone().map_err(err)?);
+        let writer = Mutex::new(Writer {
+            s: stream.try_clone().map_err(err)?,
+            seal: Sealer::new(keys),
+        });
         let conn = Arc::new(TcpConn {
             peer,
             addr: addr.clone(),
@@ -184,6 +202,7 @@ impl TcpConn {
             rx: Mutex::new(rx),
             closed: closed.clone(),
             stream,
+            timeout: opts.timeout,
         });
         let weak = Arc::downgrade(&conn);
         {
@@ -202,7 +221,7 @@ impl TcpConn {
                         return;
                     }
                     let mut w = c.writer.lock().unwrap_or_else(|p| p.into_inner());
-                    if w.write_all(&wire::heartbeat()).is_err() {
+                    if w.write_frame(wire::heartbeat().to_vec()).is_err() {
                         return;
                     }
                 }
@@ -225,8 +244,25 @@ impl Link for TcpConn {
     fn send(&self, msg: &Msg) -> Result<(), CommError> {
         let frame = wire::encode(msg);
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.write_all(&frame)
+        w.write_frame(frame)
             .map_err(|e| io_err(self.peer, &self.addr, Duration::ZERO, &e))
+    }
+
+    fn recv_reply(&self) -> Result<Msg, CommError> {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(CommError::NoReply {
+                peer: self.peer,
+                addr: self.addr.clone(),
+                ms: self.timeout.as_millis() as u64,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(CommError::Closed {
+                peer: self.peer,
+                addr: self.addr.clone(),
+                detail: "the connection ended".into(),
+            }),
+        }
     }
 
     fn recv(&self) -> Result<Msg, CommError> {
@@ -249,7 +285,6 @@ static CONNS: Mutex<Vec<std::sync::Weak<TcpConn>>> = Mutex::new(Vec::new());
 /// blocks on a busy link): a peer that learns it this way reports the root cause rather than
 /// only "connection closed".
 pub fn abort_all(reason: &str) {
-    let frame = wire::encode(&Msg::Abort(reason.to_string()));
     let conns: Vec<Arc<TcpConn>> = CONNS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -258,213 +293,9 @@ pub fn abort_all(reason: &str) {
         .collect();
     for c in conns {
         if let Ok(mut w) = c.writer.try_lock() {
-            let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
-            let _ = w.write_all(&frame);
+            let _ = w.s.set_write_timeout(Some(Duration::from_millis(200)));
+            let _ = w.write_frame(wire::encode(&Msg::Abort(reason.to_string())));
         }
-    }
-}
-
-type HmacSha256 = Hmac<Sha256>;
-
-fn mac(secret: &[u8], role: u8, group: i32, who: RankId, a: &[u8], b: &[u8]) -> [u8; 32] {
-    // new_from_slice accepts keys of any length for HMAC.
-    let mut m = match HmacSha256::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
-    m.update(&[role]);
-    m.update(&group.to_le_bytes());
-    m.update(&(who.stage as u32).to_le_bytes());
-    m.update(&(who.tp_rank as u32).to_le_bytes());
-    m.update(a);
-    m.update(b);
-    m.finalize().into_bytes().into()
-}
-
-fn verify(
-    secret: &[u8],
-    role: u8,
-    group: i32,
-    who: RankId,
-    a: &[u8],
-    b: &[u8],
-    tag: &[u8],
-) -> bool {
-    let mut m = match HmacSha256::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => return false,
-    };
-    m.update(&[role]);
-    m.update(&group.to_le_bytes());
-    m.update(&(who.stage as u32).to_le_bytes());
-    m.update(&(who.tp_rank as u32).to_le_bytes());
-    m.update(a);
-    m.update(b);
-    m.verify_slice(tag).is_ok()
-}
-
-/// Dialer side: say who we are, check the listener knows the secret, prove we do.
-pub fn handshake_dial<S: Read + Write>(
-    s: &mut S,
-    me: RankId,
-    opts: &TcpOptions,
-) -> Result<(), String> {
-    let nd: [u8; NONCE] = rand::random();
-    let mut hello = Vec::with_capacity(5 + HELLO_REST);
-    hello.extend_from_slice(MAGIC);
-    hello.push(VERSION);
-    hello.extend_from_slice(&opts.group.to_le_bytes());
-    hello.extend_from_slice(&(me.stage as u32).to_le_bytes());
-    hello.extend_from_slice(&(me.tp_rank as u32).to_le_bytes());
-    hello.extend_from_slice(&opts.config_digest);
-    hello.extend_from_slice(&nd);
-    s.write_all(&hello).map_err(|e| e.to_string())?;
-    // The listener answers its version first, so a mismatch is named on both sides.
-    let mut version = [0u8; 1];
-    s.read_exact(&mut version)
-        .map_err(|e| format!("no handshake reply: {e}"))?;
-    if version[0] != VERSION {
-        return Err(version_mismatch(version[0]));
-    }
-    let mut reply = [0u8; DIGEST + NONCE + 32];
-    s.read_exact(&mut reply)
-        .map_err(|e| format!("no handshake reply: {e}"))?;
-    let (digest, rest) = reply.split_at(DIGEST);
-    let (nl, tag) = rest.split_at(NONCE);
-    let theirs = [digest, nl].concat();
-    if !verify(&opts.secret, b'L', opts.group, me, &nd, &theirs, tag) {
-        return Err("the peer does not know the group secret".into());
-    }
-    if digest != opts.config_digest {
-        return Err(digest_mismatch(digest, &opts.config_digest));
-    }
-    let ours = [&opts.config_digest[..], &nd].concat();
-    s.write_all(&mac(&opts.secret, b'D', opts.group, me, nl, &ours))
-        .map_err(|e| e.to_string())?;
-    let mut ok = [0u8; 1];
-    s.read_exact(&mut ok)
-        .map_err(|e| format!("the peer refused us: {e}"))?;
-    if ok[0] != 1 {
-        return Err("the peer refused us".into());
-    }
-    Ok(())
-}
-
-fn version_mismatch(theirs: u8) -> String {
-    format!(
-        "the peer speaks peer protocol version {theirs}, this worker {VERSION}: run one WhaleFlux version in every rank of a group"
-    )
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn digest_mismatch(theirs: &[u8], ours: &[u8]) -> String {
-    format!(
-        "the peer runs group configuration {}, this worker {}: ranks of two configurations (a rollout in progress, or a stale pod) cannot form one group",
-        hex(theirs),
-        hex(ours)
-    )
-}
-
-/// Listener side: read who dials, prove we know the secret, check they do.
-pub fn handshake_accept<S: Read + Write>(s: &mut S, opts: &TcpOptions) -> Result<RankId, String> {
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head)
-        .map_err(|e| format!("no hello: {e}"))?;
-    if &head[..4] != MAGIC {
-        return Err("not a WhaleFlux peer (bad magic)".into());
-    }
-    // Answer our version before anything else, so the dialer can say which versions differ.
-    s.write_all(&[VERSION]).map_err(|e| e.to_string())?;
-    if head[4] != VERSION {
-        return Err(version_mismatch(head[4]));
-    }
-    let mut hello = [0u8; HELLO_REST];
-    s.read_exact(&mut hello)
-        .map_err(|e| format!("no hello: {e}"))?;
-    let int = |i: usize| [hello[i], hello[i + 1], hello[i + 2], hello[i + 3]];
-    let group = i32::from_le_bytes(int(0));
-    let who = RankId {
-        stage: u32::from_le_bytes(int(4)) as usize,
-        tp_rank: u32::from_le_bytes(int(8)) as usize,
-    };
-    if group != opts.group {
-        return Err(format!(
-            "peer of replica group {group}, this is group {}",
-            opts.group
-        ));
-    }
-    let (digest, nd) = hello[12..].split_at(DIGEST);
-    let nl: [u8; NONCE] = rand::random();
-    let ours = [&opts.config_digest[..], &nl].concat();
-    let mut reply = Vec::with_capacity(DIGEST + NONCE + 32);
-    reply.extend_from_slice(&opts.config_digest);
-    reply.extend_from_slice(&nl);
-    reply.extend_from_slice(&mac(&opts.secret, b'L', group, who, nd, &ours));
-    s.write_all(&reply).map_err(|e| e.to_string())?;
-    let mut tag = [0u8; 32];
-    s.read_exact(&mut tag)
-        .map_err(|e| format!("no proof: {e}"))?;
-    let theirs = [digest, nd].concat();
-    if !verify(&opts.secret, b'D', group, who, &nl, &theirs, &tag) {
-        return Err(format!("{who} does not know the group secret"));
-    }
-    if digest != opts.config_digest {
-        return Err(format!(
-            "{who}: {}",
-            digest_mismatch(digest, &opts.config_digest)
-        ));
-    }
-    s.write_all(&[1]).map_err(|e| e.to_string())?;
-    Ok(who)
-}
-
-/// How long one handshake may take in all, however its peer paces its bytes.
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
-
-/// A stream whose reads and writes all end by `until`: each sets its socket timeout to the
-/// time left, so a peer that sends a byte now and then cannot stretch a handshake.
-struct Bounded<'a> {
-    s: &'a mut TcpStream,
-    until: Instant,
-}
-
-impl Bounded<'_> {
-    fn left(&self) -> std::io::Result<Duration> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the handshake took more than {} s",
-                    HANDSHAKE_DEADLINE.as_secs()
-                ),
-            ))
-        } else {
-            Ok(left)
-        }
-    }
-}
-
-impl Read for Bounded<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.left()?;
-        self.s.set_read_timeout(Some(left))?;
-        self.s.read(buf)
-    }
-}
-
-impl Write for Bounded<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let left = self.left()?;
-        self.s.set_write_timeout(Some(left))?;
-        self.s.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.s.flush()
     }
 }
 
@@ -510,22 +341,23 @@ pub fn connect(
     let acc_opts = opts.clone();
     let acceptor = std::thread::Builder::new()
         .name("wf-peer-accept".into())
-        .spawn(move || -> Result<Vec<(RankId, TcpStream)>, CommError> {
-            let mut got: Vec<(RankId, TcpStream)> = Vec::new();
+        .spawn(move || -> Result<Vec<(RankId, TcpStream, SessionKeys)>, CommError> {
+            let mut got: Vec<(RankId, TcpStream, SessionKeys)> = Vec::new();
             listener
                 .set_nonblocking(true)
                 .map_err(|source| CommError::Listen { port, source })?;
             // Each handshake runs on its own thread within its own deadline, so a peer that
             // drips bytes holds only its own connection, never the others' formation.
-            let (done_tx, done_rx) = channel::<(SocketAddr, TcpStream, Result<RankId, String>)>();
+            type Done = (SocketAddr, TcpStream, Result<(RankId, SessionKeys), String>);
+            let (done_tx, done_rx) = channel::<Done>();
             while got.len() < expected.len() {
                 while let Ok((from, s, r)) = done_rx.try_recv() {
                     match r {
-                        Ok(who) if expected.contains(&who) => {
-                            got.retain(|(g, _)| *g != who);
-                            got.push((who, s));
+                        Ok((who, keys)) if expected.contains(&who) => {
+                            got.retain(|(g, _, _)| *g != who);
+                            got.push((who, s, keys));
                         }
-                        Ok(who) => {
+                        Ok((who, _)) => {
                             tracing::warn!(%from, %who, "refused a peer this rank does not talk to")
                         }
                         Err(reason) => tracing::warn!(%from, %reason, "refused a peer connection"),
@@ -538,7 +370,7 @@ pub fn connect(
                     expected
                         .iter()
                         .copied()
-                        .find(|id| !got.iter().any(|(g, _)| g == id))
+                        .find(|id| !got.iter().any(|(g, _, _)| g == id))
                         .unwrap_or(me)
                 };
                 if Instant::now() >= deadline {
@@ -571,15 +403,15 @@ pub fn connect(
         .map_err(|source| CommError::Listen { port, source })?;
     let mut out = HashMap::new();
     for p in peers.iter().filter(|p| p.id < me) {
-        let stream = dial(me, p, opts, deadline)?;
-        out.insert(p.id, TcpConn::start(p.id, stream, opts)?);
+        let (stream, keys) = dial(me, p, opts, deadline)?;
+        out.insert(p.id, TcpConn::start(p.id, stream, &keys, opts)?);
     }
     let accepted = acceptor.join().map_err(|_| CommError::Handshake {
         addr: format!("port {port}"),
         reason: "the accept thread panicked".into(),
     })??;
-    for (id, s) in accepted {
-        out.insert(id, TcpConn::start(id, s, opts)?);
+    for (id, s, keys) in accepted {
+        out.insert(id, TcpConn::start(id, s, &keys, opts)?);
     }
     Ok(out)
 }
@@ -589,7 +421,7 @@ fn dial(
     p: &PeerEndpoint,
     opts: &TcpOptions,
     deadline: Instant,
-) -> Result<TcpStream, CommError> {
+) -> Result<(TcpStream, SessionKeys), CommError> {
     let mut last = String::from("not tried");
     let mut refusal: Option<String> = None;
     let mut logged = false;
@@ -617,9 +449,9 @@ fn dial(
                     let _ = s.set_nodelay(true);
                     let until = Instant::now() + HANDSHAKE_DEADLINE;
                     match handshake_dial(&mut Bounded { s: &mut s, until }, me, opts) {
-                        Ok(()) => {
+                        Ok(keys) => {
                             tracing::info!(peer = %p.id, addr = %a, "connected to peer");
-                            return Ok(s);
+                            return Ok((s, keys));
                         }
                         Err(e) => {
                             let e = format!("handshake with {a}: {e}");
@@ -711,7 +543,7 @@ impl Collective for TcpGroup {
                         detail: "no connection to this rank".into(),
                     });
                 }
-                Some(c) => match c.recv()? {
+                Some(c) => match c.recv_reply()? {
                     Msg::Reduce(v) if v.len() == buf.len() => parts.push(v),
                     other => {
                         return Err(CommError::Protocol {

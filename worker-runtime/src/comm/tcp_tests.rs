@@ -1,5 +1,6 @@
 //! Tests of the TCP transport: handshakes, formation deadlines, refusals, all-reduce.
 use super::*;
+use crate::comm::handshake::{MAGIC, NONCE, VERSION, version_mismatch};
 
 fn opts(secret: &str) -> TcpOptions {
     TcpOptions {
@@ -238,12 +239,13 @@ fn a_peer_of_another_protocol_version_is_refused_naming_both() {
         .expect("timeout");
     let err = handshake_accept(&mut s, &opts("s")).expect_err("version 1");
     assert!(
-        err.contains("peer protocol version 1, this worker 2"),
+        err.contains(&format!("peer protocol version 1, this worker {VERSION}")),
         "{err}"
     );
     assert_eq!(old.join().expect("old peer"), Some(VERSION));
     // And a dialer told another version by its listener names both too.
-    assert!(version_mismatch(3).contains("version 3, this worker 2"));
+    let other = VERSION + 1;
+    assert!(version_mismatch(other).contains(&format!("version {other}, this worker {VERSION}")));
 }
 
 /// A dialer that says the right hello but cannot prove the secret is refused by the
@@ -294,4 +296,128 @@ fn a_dead_peer_fails_the_receiver_fast_and_names_it() {
     let err = link.recv().expect_err("peer is gone");
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert!(err.to_string().contains("stage 0 TP rank 1"), "{err}");
+}
+
+/// Rank 0 accepts rank 1 on a real listener, while the test plays rank 1 by hand on a raw
+/// socket: the handshake from this module, then whatever frames the test writes. Returns
+/// rank 0's link to rank 1, the raw socket and rank 1's keys.
+fn hand_played_peer(timeout: Duration) -> (Arc<TcpConn>, TcpStream, SessionKeys) {
+    let l = listen_on("127.0.0.1", 0).expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    let me = std::thread::spawn(move || {
+        let mut o = opts("s");
+        o.timeout = timeout;
+        let ep = PeerEndpoint {
+            id: rank(1),
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        connect(rank(0), l, &[ep], &o).expect("rank 0 formed")
+    });
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("dial");
+    let keys = handshake_dial(&mut s, rank(1), &opts("s")).expect("handshake");
+    let link = me.join().expect("rank 0")[&rank(1)].clone();
+    (link, s, keys)
+}
+
+/// Frames after the handshake carry a tag over their sequence number: a frame tagged with the
+/// link's key is taken; one altered, replayed or tagged with another key ends the link with an
+/// error saying so (a host that cannot know the secret cannot inject into a formed group).
+#[test]
+fn frames_must_carry_the_links_tag_in_order() {
+    let frame = |seal: &mut Sealer, m: &Msg| {
+        let mut f = wire::encode(m);
+        seal.seal(&mut f);
+        f
+    };
+    // Taken in order.
+    let (link, mut s, keys) = hand_played_peer(Duration::from_secs(5));
+    let mut seal = Sealer::new(&keys);
+    let first = frame(&mut seal, &Msg::Ready);
+    s.write_all(&first).expect("write");
+    s.write_all(&frame(&mut seal, &Msg::Reduce(vec![1.5])))
+        .expect("write");
+    assert_eq!(link.recv().expect("ready"), Msg::Ready);
+    assert_eq!(link.recv().expect("reduce"), Msg::Reduce(vec![1.5]));
+    // A replay of the first frame is refused.
+    s.write_all(&first).expect("write");
+    let err = link.recv().expect_err("a replayed frame");
+    assert!(err.to_string().contains("frame 2 fails its tag"), "{err}");
+
+    // One bit changed in the activations.
+    let (link, mut s, keys) = hand_played_peer(Duration::from_secs(5));
+    let mut f = frame(&mut Sealer::new(&keys), &Msg::Reduce(vec![1.5, 2.5]));
+    f[12] ^= 1;
+    s.write_all(&f).expect("write");
+    let err = link.recv().expect_err("an altered frame");
+    assert!(err.to_string().contains("fails its tag"), "{err}");
+
+    // Tagged with the key of another link (or no key at all: an untagged frame).
+    let (link, mut s, keys) = hand_played_peer(Duration::from_secs(5));
+    let other = SessionKeys {
+        send: keys.recv,
+        recv: keys.send,
+    };
+    s.write_all(&frame(&mut Sealer::new(&other), &Msg::Ready))
+        .expect("write");
+    let err = link.recv().expect_err("another key");
+    assert!(err.to_string().contains("fails its tag"), "{err}");
+    let (link, mut s, _) = hand_played_peer(Duration::from_secs(5));
+    s.write_all(&wire::encode(&Msg::Reduce(vec![0.0; 8])))
+        .expect("write");
+    assert!(link.recv().is_err(), "an untagged frame was taken");
+}
+
+/// A peer whose heartbeats flow but which never sends the all-reduce part it owes: the wait
+/// inside the step fails within the peer timeout, naming it, instead of hanging.
+#[test]
+fn a_peer_that_heartbeats_but_never_replies_fails_the_step_within_the_timeout() {
+    let timeout = Duration::from_millis(600);
+    let (link, s, keys) = hand_played_peer(timeout);
+    let stop = Arc::new(AtomicBool::new(false));
+    let beat = {
+        let stop = stop.clone();
+        let mut s = s.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let mut seal = Sealer::new(&keys);
+            while !stop.load(Ordering::SeqCst) {
+                let mut f = wire::heartbeat().to_vec();
+                seal.seal(&mut f);
+                if s.write_all(&f).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let group = TcpGroup::new(rank(0), 2, &HashMap::from([(rank(1), link.clone())]));
+    let t0 = Instant::now();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut buf = [1.0f32; 4];
+        let _ = tx.send(group.all_reduce_sum(&mut buf));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the all-reduce still waits 10 s on a peer that never answers");
+    let err = r.expect_err("no part came");
+    let took = t0.elapsed();
+    assert!(matches!(err, CommError::NoReply { .. }), "{err}");
+    assert!(err.to_string().contains("stage 0 TP rank 1"), "{err}");
+    assert!(
+        took >= timeout && took < timeout * 4,
+        "failed after {took:?}, the timeout is {timeout:?}"
+    );
+    // Heartbeats alone kept the link itself alive: an idle wait is not bounded.
+    assert!(
+        link.rx
+            .lock()
+            .expect("rx")
+            .recv_timeout(Duration::from_millis(800))
+            .is_err_and(|e| e == RecvTimeoutError::Timeout),
+        "the link failed while heartbeats flowed"
+    );
+    stop.store(true, Ordering::SeqCst);
+    beat.join().expect("heartbeats");
+    let _ = s.shutdown(Shutdown::Both);
 }

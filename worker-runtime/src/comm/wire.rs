@@ -58,6 +58,7 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
             out.push(6);
             out.extend_from_slice(reason.as_bytes());
         }
+        Msg::Formed => out.push(7),
     }
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_le_bytes());
@@ -151,6 +152,7 @@ pub fn decode(body: &[u8]) -> Result<Option<Msg>, String> {
             r.b = &[];
             Msg::Abort(reason)
         }
+        7 => Msg::Formed,
         k => return Err(format!("unknown frame kind {k}")),
     };
     if !r.b.is_empty() {
@@ -171,6 +173,7 @@ mod tests {
     fn every_message_round_trips_and_garbage_is_an_error() {
         let msgs = [
             Msg::Ready,
+            Msg::Formed,
             Msg::Shutdown,
             Msg::Abort("stage 2 died".into()),
             Msg::Reduce(vec![1.5, -2.0]),
@@ -198,6 +201,7 @@ mod tests {
         assert!(decode(&[2, 1, 2]).is_err());
         assert!(decode(&[4, 255, 255, 255, 255]).is_err());
         assert!(decode(&[9]).is_err());
+        assert!(decode(&[7, 0]).is_err());
         assert!(decode(&[]).is_err());
     }
 }

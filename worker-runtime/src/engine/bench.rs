@@ -70,7 +70,7 @@ fn tcp_tp_group(g: &Gguf, tp: usize, nanos: Arc<AtomicU64>) -> Result<Leader, St
         timeout: Duration::from_secs(30),
         on_fail: None,
         connect_by: None,
-        config_digest: [0; crate::comm::tcp::DIGEST],
+        config_digest: [0; crate::comm::handshake::DIGEST],
     };
     let conns = std::thread::scope(|sc| {
         let hs: Vec<_> = listeners

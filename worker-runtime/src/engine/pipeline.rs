@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::forward::{KvCache, LlamaModel, StageSeq};
 use crate::backend::Backend;
@@ -30,6 +31,9 @@ pub struct Rank {
     pub prev: Option<Arc<dyn Link>>,
     /// Rank 0 of the next stage (the last stage: stage 0, which takes the logits).
     pub next: Option<Arc<dyn Link>>,
+    /// Set once the whole group has formed (the API rank's [`Msg::Formed`] reached this rank):
+    /// a rank's readiness. Ranks of one process share it.
+    pub formed: Arc<AtomicBool>,
     caches: HashMap<u64, KvCache>,
 }
 
@@ -51,6 +55,7 @@ impl Rank {
             tp_links: Vec::new(),
             prev: None,
             next: None,
+            formed: Arc::new(AtomicBool::new(false)),
             caches: HashMap::new(),
         }
     }
@@ -113,6 +118,22 @@ impl Rank {
         Ok(())
     }
 
+    /// The group has formed: note it, and tell the ranks behind this one (its TP peers and,
+    /// before the last stage, the next stage), as steps travel.
+    fn pass_formed(&self) -> Result<(), CommError> {
+        self.formed.store(true, Ordering::SeqCst);
+        if self.id.tp_rank != 0 {
+            return Ok(());
+        }
+        for l in &self.tp_links {
+            l.send(&Msg::Formed)?;
+        }
+        match &self.next {
+            Some(n) if !self.is_last_stage() => n.send(&Msg::Formed),
+            _ => Ok(()),
+        }
+    }
+
     /// Tell the rank in front of this one that this part of the group is ready.
     fn announce_ready(&self) -> Result<(), CommError> {
         let to = if self.id.tp_rank > 0 {
@@ -145,6 +166,10 @@ impl Rank {
         loop {
             let mut step = match source.recv()? {
                 Msg::Step(s) => s,
+                Msg::Formed => {
+                    self.pass_formed()?;
+                    continue;
+                }
                 Msg::Shutdown => {
                     if self.id.tp_rank == 0 {
                         for l in &self.tp_links {
@@ -258,9 +283,10 @@ impl Leader {
         )
     }
 
-    /// Wait until the whole group is loaded and connected.
+    /// Wait until the whole group is loaded and connected, then tell every rank it has formed.
     pub fn await_ready(&self) -> Result<(), CommError> {
-        self.rank.await_ready()
+        self.rank.await_ready()?;
+        self.rank.pass_formed()
     }
 
     /// Sequences whose cache stage 0 holds (for tests).
@@ -324,7 +350,7 @@ impl Executor for Leader {
                 detail: "stage 0 has no link to the last stage".into(),
             });
         };
-        match prev.recv()? {
+        match prev.recv_reply()? {
             Msg::Logits { id, vocab, data } if id == want && vocab as usize == self.vocab() => {
                 Ok(data
                     .chunks_exact(vocab as usize)

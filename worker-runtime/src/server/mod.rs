@@ -98,9 +98,9 @@ pub struct AppState {
     pub loaded: OnceLock<Loaded>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
-    /// Set on a rank that serves no API (a later stage or TP rank) once it is loaded and
-    /// connected to its group.
-    pub peer_ready: std::sync::atomic::AtomicBool,
+    /// On a rank that serves no API (a later stage or TP rank), set once it is loaded and
+    /// connected to its peers: the flag its ranks raise when the whole group has formed.
+    pub group_formed: OnceLock<Arc<std::sync::atomic::AtomicBool>>,
     /// API keys, the drain and the generations in flight.
     pub gate: Arc<Gate>,
     created: u64,
@@ -114,7 +114,7 @@ impl AppState {
             model_name,
             loaded: OnceLock::new(),
             metrics,
-            peer_ready: std::sync::atomic::AtomicBool::new(false),
+            group_formed: OnceLock::new(),
             gate: Arc::new(Gate::new(api_keys)),
             created: now(),
         })
@@ -190,8 +190,18 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else if st.loaded.get().is_some_and(|l| l.engine.stopped()) {
         (StatusCode::SERVICE_UNAVAILABLE, "the engine stopped").into_response()
-    } else if st.loaded.get().is_some() || st.peer_ready.load(std::sync::atomic::Ordering::SeqCst) {
+    } else if st.loaded.get().is_some() {
         "ready".into_response()
+    } else if let Some(formed) = st.group_formed.get() {
+        if formed.load(std::sync::atomic::Ordering::SeqCst) {
+            "ready".into_response()
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "loaded and connected; waiting for the whole group to form",
+            )
+                .into_response()
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
     }

@@ -240,6 +240,9 @@ pub fn configs(tp: usize, pp: usize, tp_processes: bool, timeout_ms: i64) -> Vec
         .collect()
 }
 
+/// The group secret every spawned worker gets.
+pub const GROUP_SECRET: &str = "test-secret";
+
 /// The processes of one group, killed when dropped.
 pub struct Group {
     /// One per config, in order.
@@ -263,30 +266,42 @@ impl Group {
 
     /// Starts a process per config (`args` added to each).
     pub fn spawn(cfgs: &[WorkerConfig], name: &str, args: &[&str]) -> Group {
+        let which: Vec<usize> = (0..cfgs.len()).collect();
+        Self::spawn_only(cfgs, name, args, &which)
+    }
+
+    /// Starts the processes of the configs at `which` only (`procs` in that order).
+    pub fn spawn_only(cfgs: &[WorkerConfig], name: &str, args: &[&str], which: &[usize]) -> Group {
         let dir = std::env::temp_dir().join(format!("wf-group-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let procs = cfgs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let f = dir.join(format!("worker-{i}.json"));
-                std::fs::write(&f, serde_json::to_vec(c).expect("json")).expect("write");
-                // Logs go to a file: a pipe nobody reads while the worker runs would fill and
-                // block it.
-                let log = std::fs::File::create(dir.join(format!("worker-{i}.log"))).expect("log");
-                Command::new(env!("CARGO_BIN_EXE_whaleflux-worker"))
-                    .args(["serve", "--host", "127.0.0.1", "--config"])
-                    .arg(&f)
-                    .args(args)
-                    .env("WHALEFLUX_GROUP_SECRET", "test-secret")
-                    .env("RUST_LOG", "info")
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn worker")
-            })
-            .collect();
-        Group { procs, dir }
+        let mut g = Group {
+            procs: Vec::new(),
+            dir,
+        };
+        g.spawn_more(cfgs, args, which);
+        g
+    }
+
+    /// Starts the processes of the configs at `which` too (appended to `procs`).
+    pub fn spawn_more(&mut self, cfgs: &[WorkerConfig], args: &[&str], which: &[usize]) {
+        for &i in which {
+            let f = self.dir.join(format!("worker-{i}.json"));
+            std::fs::write(&f, serde_json::to_vec(&cfgs[i]).expect("json")).expect("write");
+            // Logs go to a file: a pipe nobody reads while the worker runs would fill and
+            // block it.
+            let log = std::fs::File::create(self.dir.join(format!("worker-{i}.log"))).expect("log");
+            let child = Command::new(env!("CARGO_BIN_EXE_whaleflux-worker"))
+                .args(["serve", "--host", "127.0.0.1", "--config"])
+                .arg(&f)
+                .args(args)
+                .env("WHALEFLUX_GROUP_SECRET", GROUP_SECRET)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn worker");
+            self.procs.push(child);
+        }
     }
 
     /// Waits until every worker is ready, showing their logs when one is not.
