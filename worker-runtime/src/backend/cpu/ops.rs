@@ -559,17 +559,7 @@ pub fn swiglu_fast(g: &mut [f32], u: &[f32]) {
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x % 20_000) as f32 / 10_000.0 - 1.0) * amp
-            })
-            .collect()
-    }
+    use crate::backend::cpu::kernels::tests::scaled_data as data;
 
     #[test]
     fn expf_is_within_two_ulp_of_libm_and_handles_the_ends() {

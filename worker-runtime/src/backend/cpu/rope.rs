@@ -114,17 +114,7 @@ unsafe fn rope_fma(x: &mut [f32], hd: usize, cs: &[f32], neox: bool) {
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x % 20_000) as f32 / 10_000.0 - 1.0) * amp
-            })
-            .collect()
-    }
+    use crate::backend::cpu::kernels::tests::scaled_data as data;
 
     /// Frequency factors divide each pair's angle and the linear scale multiplies it, as
     /// ggml's `rope_yarn` does without extrapolation; ones and a scale of 1 change nothing.

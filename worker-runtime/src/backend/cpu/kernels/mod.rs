@@ -403,6 +403,11 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// [`data`] times `amp` (activations and angles of a chosen range).
+    pub(crate) fn scaled_data(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        data(n, seed).into_iter().map(|v| v * amp).collect()
+    }
+
     /// Every kernel flavour this CPU supports, through the one-row, four-row and two-token
     /// paths with activations quantized by that flavour, against the f32 reference (dequantized
     /// weights times unquantized activations) and against the scalar definition. Prints which
