@@ -72,7 +72,9 @@ ALL_ON: dict[str, Any] = {
         {"key": "gpu-vendor", "operator": "Equal", "value": "nvidia", "effect": "NoExecute",
          "tolerationSeconds": 60},
     ],
-    "operator": {"leaseDurationSeconds": 20, "concurrency": 8, "logLevel": "whaleflux=debug,info"},
+    "operator": {"leaseDurationSeconds": 20, "leaseRenewDeadlineSeconds": 12,
+                 "leaseRetryPeriodSeconds": 3, "concurrency": 8,
+                 "logLevel": "whaleflux=debug,info"},
     "serviceAccount": {"annotations": {"example.com/role": "whaleflux"}},
     "podAnnotations": {"example.com/team": "ml-platform"},
     "podLabels": {"team": "ml-platform"},
@@ -279,8 +281,9 @@ def check_rbac(r: Render, chart: Path) -> None:
        f"both bound to ServiceAccount {sa}")
 
 
-def check_deployment(r: Render, *, metrics_port: int, lease_seconds: int, concurrency: int,
-                     image: str, replicas: int) -> None:
+def check_deployment(r: Render, *, metrics_port: int, lease: tuple[int, int, int],
+                     concurrency: int, image: str, replicas: int) -> None:
+    """`lease`: duration, renew deadline, retry period (seconds)."""
     dep = r.one("Deployment", RELEASE)
     pod = dep["spec"]["template"]
     spec = pod["spec"]
@@ -294,7 +297,9 @@ def check_deployment(r: Render, *, metrics_port: int, lease_seconds: int, concur
     expect("command" not in c, "the container sets command: the image entrypoint is whaleflux")
     want_args = ["operator", "--metrics-addr", f"0.0.0.0:{metrics_port}",
                  "--metrics-host", "$(POD_IP)", "--lease-name", RELEASE, "--lease-namespace", NAMESPACE,
-                 "--lease-duration-seconds", str(lease_seconds),
+                 "--lease-duration-seconds", str(lease[0]),
+                 "--lease-renew-deadline-seconds", str(lease[1]),
+                 "--lease-retry-seconds", str(lease[2]),
                  "--concurrency", str(concurrency),
                  "--config", "/etc/whaleflux/operator.yaml"]
     expect(c["args"] == want_args, f"args {c['args']} != {want_args}")
@@ -352,7 +357,7 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
     ok(f"defaults render exactly {', '.join(want)}")
     check_common(r)
     app = chart_file_yaml(chart, "Chart.yaml")["appVersion"]
-    check_deployment(r, metrics_port=8080, lease_seconds=15, concurrency=16,
+    check_deployment(r, metrics_port=8080, lease=(15, 10, 2), concurrency=16,
                      image=f"ghcr.io/whaleflux/whaleflux:{app}", replicas=2)
     c = container(r)
     expect(c["imagePullPolicy"] == "IfNotPresent", "default pullPolicy")
@@ -410,7 +415,7 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
 def cmd_render_all_on(chart: Path, _args: argparse.Namespace) -> str:
     r = render(chart, ALL_ON)
     check_common(r)
-    check_deployment(r, metrics_port=9090, lease_seconds=20, concurrency=8,
+    check_deployment(r, metrics_port=9090, lease=(20, 12, 3), concurrency=8,
                      image=f"ghcr.io/whaleflux/whaleflux@{DIGEST}", replicas=3)
     ok("image digest wins over the tag (repository@digest)")
     dep = r.one("Deployment", RELEASE)

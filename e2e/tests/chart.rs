@@ -127,6 +127,9 @@ fn the_values_schema_refuses_every_bad_values_file() {
         "service-type-enum.yaml: refused",
         "download-digest-malformed.yaml: refused",
         "download-tag-empty.yaml: refused",
+        "lease-retry-zero.yaml: refused",
+        "lease-renew-deadline-not-shorter.yaml: refused",
+        "lease-retry-not-shorter.yaml: refused",
     ] {
         assert!(
             text.contains(case),

@@ -263,9 +263,23 @@ struct OperatorArgs {
     /// This process's identity in the Lease (default: $POD_NAME, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a leader keeps the Lease without renewing it; a standby takes over after this.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    /// Seconds a standby waits, from when it last saw the Lease change, before it takes over.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
     lease_duration_seconds: u64,
+    /// Seconds the leader keeps trying to renew the Lease before it stops reconciling and exits
+    /// (less than --lease-duration-seconds, so it stops before a standby takes over).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..))]
+    lease_renew_deadline_seconds: u64,
+    /// Seconds between the leader's renewals and a standby's attempts (less than
+    /// --lease-renew-deadline-seconds).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_retry_seconds: u64,
+    /// Seconds an API call (not a watch) may wait for the API server before it fails.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    api_timeout_seconds: u64,
+    /// Seconds one reconcile may run before it is cancelled and retried with backoff.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    reconcile_timeout_seconds: u64,
     /// Reconciles at once per controller (0 = unbounded).
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -279,10 +293,35 @@ struct OperatorArgs {
     config: Option<PathBuf>,
 }
 
+/// Refuses lease timings under which a leader could still reconcile after a standby took over,
+/// or would never retry before giving up.
+fn check_lease_timings(args: &OperatorArgs) -> anyhow::Result<()> {
+    let (duration, deadline, retry) = (
+        args.lease_duration_seconds,
+        args.lease_renew_deadline_seconds,
+        args.lease_retry_seconds,
+    );
+    if deadline >= duration {
+        anyhow::bail!(
+            "--lease-renew-deadline-seconds ({deadline}) must be less than \
+             --lease-duration-seconds ({duration}): a leader that cannot renew must stop before a \
+             standby may take the Lease over"
+        );
+    }
+    if retry >= deadline {
+        anyhow::bail!(
+            "--lease-retry-seconds ({retry}) must be less than --lease-renew-deadline-seconds \
+             ({deadline}): the leader must be able to retry a failed renewal before giving up"
+        );
+    }
+    Ok(())
+}
+
 fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     use std::time::Duration;
     use whaleflux_operator::controller::{self, LeaseConfig, OperatorConfig};
     use whaleflux_operator::resources::settings::ClusterSettings;
+    check_lease_timings(&args)?;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -309,18 +348,23 @@ fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             namespace: args.lease_namespace,
             identity,
             duration,
-            renew_every: duration / 3,
-            retry_every: (duration / 5).max(Duration::from_millis(500)),
+            renew_deadline: Duration::from_secs(args.lease_renew_deadline_seconds),
+            retry_every: Duration::from_secs(args.lease_retry_seconds),
         },
         concurrency: args.concurrency,
         settings,
         node_grace: Duration::from_secs(args.node_grace_seconds),
+        api_timeout: Duration::from_secs(args.api_timeout_seconds),
+        reconcile_timeout: Duration::from_secs(args.reconcile_timeout_seconds),
     };
     tracing::info!(identity = %cfg.lease.identity, "starting the WhaleFlux operator");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(controller::run(cfg))?;
+    let result = rt.block_on(controller::run(cfg));
+    // A task stuck on a blocked thread must not keep a process that lost the Lease alive.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result?;
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! Leader election against the in-memory API server: one winner among candidates, a held Lease
 //! respected for its whole duration, takeover once renewals stop, loss detected when someone
-//! else takes it, release only by the holder.
+//! else takes it, release only by the holder; a holder whose renewals hang gives up at the renew
+//! deadline, before a standby takes over; the binary refuses inconsistent timings.
 
+use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -9,7 +12,7 @@ use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use tokio::time::Instant;
-use whaleflux_e2e::ApiServer;
+use whaleflux_e2e::{ApiServer, RequestMatch};
 use whaleflux_operator::controller::lease::{LeaseConfig, acquire, hold, release};
 
 async fn leases(server: &ApiServer) -> Api<Lease> {
@@ -26,8 +29,8 @@ fn cfg(identity: &str) -> LeaseConfig {
         namespace: "default".into(),
         identity: identity.into(),
         duration: Duration::from_secs(2),
-        renew_every: Duration::from_millis(400),
-        retry_every: Duration::from_millis(100),
+        renew_deadline: Duration::from_millis(1500),
+        retry_every: Duration::from_millis(200),
     }
 }
 
@@ -59,7 +62,7 @@ async fn one_candidate_wins_and_the_other_waits_out_the_whole_lease() {
         let renewing = {
             let api = api.clone();
             let c = cfg(win_id);
-            tokio::spawn(async move { hold(&api, &c, winner).await })
+            tokio::spawn(async move { hold(&api, &c, winner, |_| {}).await })
         };
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(
@@ -102,9 +105,10 @@ async fn a_holder_learns_it_lost_the_lease_and_only_the_holder_releases_it() {
         api.replace("whaleflux-operator", &PostParams::default(), &l)
             .await
             .expect("overwrite");
-        let why = tokio::time::timeout(Duration::from_secs(10), hold(&api, &cfg("a"), held))
-            .await
-            .expect("hold returns");
+        let why =
+            tokio::time::timeout(Duration::from_secs(10), hold(&api, &cfg("a"), held, |_| {}))
+                .await
+                .expect("hold returns");
         assert_eq!(why, "the lease is now held by \"intruder\"");
         // A non-holder's release leaves the Lease alone...
         release(&api, &cfg("a")).await;
@@ -129,4 +133,146 @@ async fn a_holder_learns_it_lost_the_lease_and_only_the_holder_releases_it() {
     })
     .await
     .expect("test timed out");
+}
+
+/// client-go's timings scaled down: lease 3 s, renew deadline 2 s, retry 0.3 s.
+fn fast(identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_every: Duration::from_millis(300),
+        ..cfg(identity)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_renewals_hang_stops_at_the_renew_deadline_before_a_standby_takes_over() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let server = ApiServer::start().await.expect("server");
+        let api = leases(&server).await;
+        let held = acquire(&api, &fast("a"), || {}).await;
+        // Every successful renewal, as the holder reports it.
+        let renewals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let holding = {
+            let (api, renewals) = (api.clone(), renewals.clone());
+            tokio::spawn(async move {
+                let why = hold(&api, &fast("a"), held, move |at| {
+                    renewals.lock().expect("renewals").push(at);
+                })
+                .await;
+                (why, Instant::now())
+            })
+        };
+        // A standby polls meanwhile: it only reads while the Lease is renewed.
+        let standby = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let held = acquire(&api, &fast("b"), || {}).await;
+                (held, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = renewals.lock().expect("renewals").len();
+        assert!(
+            before >= 3,
+            "the holder renews every retry period: {before} renewals in 1.5 s"
+        );
+        assert!(!standby.is_finished(), "the standby took a renewed Lease");
+        // The API server stops answering the holder's next renewal (held for a minute, as a
+        // partition would): its only update while the standby just reads.
+        server.faults().delay(
+            RequestMatch::verb_resource("update", "leases"),
+            Duration::from_secs(60),
+            Some(1),
+        );
+        let (why, returned) = tokio::time::timeout(Duration::from_secs(10), holding)
+            .await
+            .expect("hold returns well before the delayed update is answered")
+            .expect("hold task");
+        let last = *renewals
+            .lock()
+            .expect("renewals")
+            .last()
+            .expect("a renewal");
+        let since_last = returned - last;
+        assert!(
+            why.contains("renew deadline of 2s"),
+            "the reason names the deadline: {why}"
+        );
+        assert!(
+            since_last >= Duration::from_millis(1900) && since_last <= Duration::from_millis(2500),
+            "hold returned {since_last:?} after the last renewal; the renew deadline is 2 s"
+        );
+        assert!(
+            since_last < Duration::from_secs(3),
+            "hold returned {since_last:?} after the last renewal: a standby may take over after 3 s"
+        );
+        // The standby takes over only after the Lease's duration, by when the old holder had
+        // stopped.
+        let (_held, taken) = tokio::time::timeout(Duration::from_secs(10), standby)
+            .await
+            .expect("the standby takes over")
+            .expect("standby task");
+        assert!(
+            taken > returned,
+            "the standby held the Lease {:?} before the old holder's hold() returned",
+            returned - taken
+        );
+        assert!(
+            taken - last >= Duration::from_secs(3),
+            "taken over {:?} after the last renewal, inside the 3 s Lease",
+            taken - last
+        );
+        assert_eq!(holder(&api).await.as_deref(), Some("b"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[test]
+fn the_operator_refuses_inconsistent_lease_timings() {
+    for (args, names) in [
+        (
+            &[
+                "--lease-duration-seconds",
+                "10",
+                "--lease-renew-deadline-seconds",
+                "10",
+            ][..],
+            &[
+                "--lease-renew-deadline-seconds (10)",
+                "--lease-duration-seconds (10)",
+            ][..],
+        ),
+        (
+            &[
+                "--lease-renew-deadline-seconds",
+                "4",
+                "--lease-retry-seconds",
+                "5",
+            ][..],
+            &[
+                "--lease-retry-seconds (5)",
+                "--lease-renew-deadline-seconds (4)",
+            ][..],
+        ),
+    ] {
+        let out = whaleflux_e2e::output_within(
+            Command::new(env!("CARGO_BIN_EXE_whaleflux"))
+                .arg("operator")
+                .args(args)
+                // Refused before any API server is asked.
+                .env("KUBECONFIG", "/nonexistent/kubeconfig")
+                .env_remove("POD_NAME")
+                .env_remove("POD_NAMESPACE"),
+            None,
+            Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        for n in names {
+            assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The operator under faults, as a cluster produces them: injected 409s and 500s, watches closed
 //! and resource versions expired (410 Gone), the operator SIGKILLed in the middle of creating a
-//! deployment, and two replicas competing for the leader Lease. Each ends in the same state a
-//! clean run reaches, with no duplicate objects.
+//! deployment, two replicas competing for the leader Lease, and an API server that stops
+//! answering (the reconcile and API timeouts). Each ends in the same state a clean run reaches,
+//! with no duplicate objects.
 //!
 //! Needs `WHALEFLUX_TEST_MODEL`, `kubectl`, and the worker binary (`cargo build -p
 //! whaleflux-worker`).
@@ -289,6 +290,86 @@ async fn two_replicas_one_leader_and_takeover_when_it_dies() {
             ready_replicas(&api).await == Some((2, true))
         })
         .await;
+    })
+    .await;
+}
+
+/// `whaleflux_reconcile_errors_total` of the deployment controller with `reason`, as the
+/// operator's /metrics shows it (0 when absent).
+fn deployment_errors(op: &cluster::Operator, reason: &str) -> u64 {
+    let Some((_, text)) = op.get("/metrics") else {
+        return 0;
+    };
+    text.lines()
+        .filter(|l| {
+            l.starts_with("whaleflux_reconcile_errors_total{")
+                && l.contains("controller=\"llmdeployment\"")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_api_server_times_reconciles_out_and_they_converge_once_it_answers() {
+    let c = Cluster::start(rtx_nodes(2, 4), true).await;
+    c.install_crds_and_pool();
+    let client = c.client().await;
+    let faults = c.server.faults_handle();
+    // Every StatefulSet apply is held for two minutes: the API server has gone silent for them.
+    faults.delay(
+        RequestMatch::verb_resource("patch", "statefulsets"),
+        Duration::from_secs(120),
+        None,
+    );
+    bounded(Duration::from_secs(240), async {
+        c.kubectl_ok(&["apply", "-f", "-"], Some(&manifest(&c, 1)));
+        // First a reconcile timeout shorter than the API timeout: the whole reconcile is
+        // cancelled.
+        let mut slow = c.operator_with(
+            "op-reconcile-timeout",
+            3,
+            &["--reconcile-timeout-seconds", "1"],
+        );
+        c.eventually_or_diagnose(&slow, "a reconcile to time out", WAIT, || async {
+            deployment_errors(&slow, "timeout") >= 2
+        })
+        .await;
+        let (code, body) = slow.get("/healthz").expect("healthz");
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "ok"),
+            "cancelled reconciles are not stuck ones"
+        );
+        assert!(
+            slow.log_text().contains("did not finish within 1s"),
+            "the log says the reconcile timed out:\n{}",
+            slow.log_text()
+        );
+        assert!(slow.terminate().success(), "SIGTERM exits 0");
+        // Then an API timeout shorter than the reconcile timeout: the call fails, and with it
+        // the reconcile.
+        let op = c.operator_with("op-api-timeout", 3, &["--api-timeout-seconds", "2"]);
+        c.eventually_or_diagnose(&op, "an API call to time out", WAIT, || async {
+            deployment_errors(&op, "api_timeout") >= 1
+        })
+        .await;
+        assert_eq!(
+            deployment_errors(&op, "timeout"),
+            0,
+            "the API timeout came first"
+        );
+        let (code, _) = op.get("/healthz").expect("healthz");
+        assert_eq!(code, 200);
+        // The API server answers again: the next retry (backoff, not a restart) converges.
+        faults.clear();
+        c.wait_smollm2("condition=Ready", "90s", &op);
+        assert_eq!(children(&client).await, expected(1));
+        assert!(
+            !op.log_text().contains("lost leadership"),
+            "{}",
+            op.log_text()
+        );
     })
     .await;
 }

@@ -594,14 +594,13 @@ async fn cleanup(d: Arc<LlmDeployment>, ctx: &Context) -> Result<Requeue, Error>
     let now = Timestamp::now();
     for p in &pods {
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-        let dead = node.as_ref().and_then(|n| {
+        let view = node.as_ref().and_then(|n| {
             ctx.nodes
                 .get(&ObjectRef::new(n))
                 .map(|n| crate::status::failover::NodeView::of(&n))
         });
-        if let Some(v) = dead
-            && !v.ready
-            && v.since.is_some_and(|t| t + ctx.node_grace <= now)
+        if let Some(v) = view
+            && v.dead(now, ctx.node_grace)
         {
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),

@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::health::Health;
+
 /// Label set: a list of name/value pairs.
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -209,33 +211,115 @@ impl Metrics {
     }
 }
 
-/// The HTTP endpoints: `/metrics`, `/healthz` (the process runs), `/readyz` (the API server
-/// answered).
-pub fn router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(metrics)
+/// What the endpoints read.
+#[derive(Clone)]
+struct Endpoints {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
-async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+/// The HTTP endpoints: `/metrics`, `/healthz` (no reconcile is stuck and a leader keeps its
+/// Lease renewed: see [`super::health`]), `/readyz` (the API server answered).
+pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Endpoints { metrics, health })
+}
+
+async fn serve_metrics(State(e): State<Endpoints>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        e.metrics.encode(),
     )
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
+async fn healthz(State(e): State<Endpoints>) -> impl IntoResponse {
+    match e.health.check(std::time::Instant::now()) {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => {
+            tracing::error!("unhealthy: {why}");
+            (StatusCode::INTERNAL_SERVER_ERROR, why)
+        }
+    }
+}
+
+async fn readyz(State(e): State<Endpoints>) -> impl IntoResponse {
+    if e.metrics.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the API server has not answered yet",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// GET `path` from the router served on a real socket.
+    async fn get_from(router: Router, path: &'static str) -> (u16, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address").to_string();
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let answer = tokio::task::spawn_blocking(move || whaleflux_e2e::http_get(&addr, path))
+            .await
+            .expect("client thread")
+            .expect("an HTTP answer");
+        server.abort();
+        answer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_fails_with_the_stuck_reconcile_and_recovers_when_it_ends() {
+        let metrics = Arc::new(Metrics::default());
+        // Reconcile timeout 1 s: stuck past 31 s.
+        let health = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10)));
+        let app = || router(metrics.clone(), health.clone());
+        let fresh = health.start("gpupool", "rtx4090".into());
+        assert_eq!(get_from(app(), "/healthz").await, (200, "ok".into()));
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(45))
+            .expect("the clock is past 45 s");
+        let stuck = health.start_at("llmdeployment", "ml/smollm2".into(), long_ago);
+        let (code, body) = get_from(app(), "/healthz").await;
+        assert_eq!(code, 500, "{body}");
+        for part in [
+            "llmdeployment",
+            "ml/smollm2",
+            "has run for 45s",
+            "31s limit",
+        ] {
+            assert!(body.contains(part), "{body:?} lacks {part:?}");
+        }
+        assert!(!body.contains("rtx4090"), "the fresh one is fine: {body}");
+        drop(stuck);
+        assert_eq!(get_from(app(), "/healthz").await, (200, "ok".into()));
+        drop(fresh);
+        // A leader whose renewals stopped 16 s ago (renew deadline 10 s + 5 s).
+        let renewed = Instant::now()
+            .checked_sub(Duration::from_secs(16))
+            .expect("the clock is past 16 s");
+        health.leading(Some(renewed));
+        let (code, body) = get_from(app(), "/healthz").await;
+        assert_eq!(code, 500, "{body}");
+        assert!(body.contains("leader lease 16s ago"), "{body}");
+        health.leading(Some(Instant::now()));
+        assert_eq!(get_from(app(), "/healthz").await, (200, "ok".into()));
+        // The other endpoints still answer.
+        assert_eq!(get_from(app(), "/readyz").await.0, 503);
+        let (code, text) = get_from(app(), "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(text.contains("whaleflux_leader"), "{text}");
     }
 }

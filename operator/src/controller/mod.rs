@@ -2,10 +2,12 @@
 //! leader Lease, with metrics and health endpoints. This is the IO shell around the pure
 //! planner and resource builders.
 
+mod backoff;
 pub mod cache;
 pub mod deployment;
 pub mod events;
 pub mod failover;
+pub mod health;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
@@ -32,7 +34,9 @@ use whaleflux_crds::{GpuPool, LlmDeployment};
 
 use crate::resources::children::{BuildError, FIELD_MANAGER, MANAGED_BY};
 use crate::resources::settings::ClusterSettings;
+pub use backoff::Backoff;
 use cache::{GroupIndex, trim, trim_node, trim_pod, trim_statefulset};
+use health::Health;
 pub use lease::LeaseConfig;
 use ledger::Ledger;
 pub use metrics::Metrics;
@@ -89,6 +93,25 @@ pub enum Error {
     /// The object lacks a field the API server always sets.
     #[error("the object has no {0}")]
     Missing(&'static str),
+    /// The reconcile ran past `--reconcile-timeout-seconds` and was cancelled (it is retried
+    /// after the object's backoff, like any failure).
+    #[error("the reconcile did not finish within {0:?} and was cancelled")]
+    Timeout(Duration),
+}
+
+/// Whether an API call failed because the API server did not answer within the client's
+/// timeouts (`--api-timeout-seconds`, or connecting): an I/O `TimedOut` somewhere in the causes.
+fn timed_out(e: &kube::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 impl Error {
@@ -100,54 +123,20 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 429 => "throttled",
             Error::Kube(kube::Error::Api(s)) if s.code >= 500 => "server_error",
             Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(e) if timed_out(e) => "api_timeout",
             Error::Kube(_) => "transport",
             Error::Build(_) => "build",
             Error::ChildrenRemain(_) => "children_remain",
             Error::Finalizer(_) => "finalizer",
             Error::Missing(_) => "invalid_object",
+            Error::Timeout(_) => "timeout",
         }
-    }
-}
-
-/// Per-object exponential backoff after failed reconciles: 0.5 s doubling to 5 min, reset by
-/// a successful reconcile.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    failures: Mutex<HashMap<String, u32>>,
-}
-
-impl Backoff {
-    /// The key of one object of `controller`: `controller/namespace/name` (no namespace for
-    /// cluster-scoped objects). The failure and the reset of an object use the same key.
-    pub fn key(controller: &str, meta: &kube::api::ObjectMeta) -> String {
-        match meta.namespace.as_deref() {
-            Some(ns) => format!(
-                "{controller}/{ns}/{}",
-                meta.name.as_deref().unwrap_or_default()
-            ),
-            None => format!("{controller}/{}", meta.name.as_deref().unwrap_or_default()),
-        }
-    }
-
-    /// Records a failure of `key`; returns how long to wait before retrying.
-    pub fn failure(&self, key: &str) -> Duration {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = f.entry(key.to_string()).or_default();
-        *n = n.saturating_add(1);
-        let ms = 500u64.saturating_mul(1u64 << (*n - 1).min(20));
-        Duration::from_millis(ms.min(300_000))
-    }
-
-    /// Forgets the failures of `key`.
-    pub fn reset(&self, key: &str) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        f.remove(key);
     }
 }
 
 /// What every reconcile shares.
 pub struct Context {
-    /// API client.
+    /// API client for single calls (bounded by `--api-timeout-seconds`; never for watches).
     pub client: Client,
     /// Events (events.k8s.io).
     pub events: events::Publisher,
@@ -179,6 +168,10 @@ pub struct Context {
     pool_trigger: watch::Sender<u64>,
     /// What the cluster's admin set for every worker pod.
     pub settings: ClusterSettings,
+    /// Reconciles in flight, for `/healthz`.
+    pub health: Arc<Health>,
+    /// How long one reconcile may run before it is cancelled.
+    pub reconcile_timeout: Duration,
 }
 
 impl Context {
@@ -202,6 +195,68 @@ pub struct OperatorConfig {
     /// How long a node may be NotReady before the worker pods on it are force-deleted (a real
     /// cluster leaves them Terminating forever, and their StatefulSet never replaces them).
     pub node_grace: Duration,
+    /// Read and write timeout of every API call but watches (a silent API server fails the
+    /// call, and its reconcile retries, instead of hanging it).
+    pub api_timeout: Duration,
+    /// How long one reconcile may run before it is cancelled and retried.
+    pub reconcile_timeout: Duration,
+}
+
+/// Connect timeout of both API clients.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Two clients from one inferred configuration: one for single calls, whose reads and writes
+/// time out after `api_timeout`, and one for watches, which keeps no read timeout because a
+/// watch response stays open for minutes with nothing to read (kube's watcher has its own idle
+/// timeout).
+async fn clients(api_timeout: Duration) -> Result<(Client, Client), kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    let watches = Client::try_from(config.clone())?;
+    config.read_timeout = Some(api_timeout);
+    config.write_timeout = Some(api_timeout);
+    // The timeout counts from the request, not from when a pooled connection went idle.
+    config.reset_reader_on_write = true;
+    Ok((Client::try_from(config)?, watches))
+}
+
+/// The label of an object in health reports: `namespace/name`, or `name`.
+fn object_label(meta: &kube::api::ObjectMeta) -> String {
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// Runs one reconcile under the reconcile timeout, registered as in flight for `/healthz`
+/// meanwhile: one the timeout cannot end (a blocked thread) shows there as stuck.
+async fn bounded_reconcile<K, F, Fut>(
+    controller: &'static str,
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: kube::Resource,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>>,
+{
+    let _in_flight = ctx.health.start(controller, object_label(obj.meta()));
+    let limit = ctx.reconcile_timeout;
+    match tokio::time::timeout(limit, reconcile(obj, ctx.clone())).await {
+        Ok(result) => result,
+        Err(_) => {
+            // The reconcile's own duration sample was cancelled with it.
+            ctx.metrics
+                .duration
+                .get_or_create(&vec![("controller", controller.to_string())])
+                .observe(limit.as_secs_f64());
+            Err(Error::Timeout(limit))
+        }
+    }
 }
 
 /// Why the operator stopped.
@@ -272,10 +327,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs the operator until SIGTERM (Ok) or until leadership is lost (Err).
+/// Runs the operator until SIGTERM (Ok) or until leadership is lost (Err): when no renewal
+/// succeeded within the renew deadline the controllers are dropped, cancelling every reconcile
+/// in flight, before a standby may take the Lease.
 pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
-    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let (client, watch_client) = clients(cfg.api_timeout).await.map_err(RunError::Client)?;
     let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(cfg.reconcile_timeout, cfg.lease.renew_deadline));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -283,7 +341,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
             source,
         })?;
     tracing::info!(addr = %cfg.listen, "serving /metrics, /healthz and /readyz");
-    let router = metrics::router(metrics.clone());
+    let router = metrics::router(metrics.clone(), health.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!("metrics server stopped: {e}");
@@ -312,12 +370,18 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), RunError> {
         _ = stopped() => return Ok(()),
     };
     metrics.leader.set(1);
+    health.leading(Some(held.renewed().into_std()));
 
+    let h = health.clone();
     let outcome = tokio::select! {
-        why = lease::hold(&leases, &cfg.lease, held) => Err(RunError::LostLease(why)),
-        () = controllers(client, metrics.clone(), &cfg, stopped()) => Ok(()),
+        why = lease::hold(&leases, &cfg.lease, held, move |at| h.leading(Some(at.into_std()))) => {
+            tracing::error!("stopping the controllers: {why}");
+            Err(RunError::LostLease(why))
+        }
+        () = controllers(client, watch_client, metrics.clone(), health.clone(), &cfg, stopped()) => Ok(()),
     };
     metrics.leader.set(0);
+    health.leading(None);
     if outcome.is_ok() {
         lease::release(&leases, &cfg.lease).await;
     }
@@ -391,10 +455,13 @@ async fn rebuild_ledger(client: &Client, ledger: &Ledger) -> Result<usize, kube:
     }
 }
 
-/// Both controllers, until `stop` resolves (then they finish the reconciles in flight).
+/// Both controllers, until `stop` resolves (then they finish the reconciles in flight). `client`
+/// makes single calls, `watch_client` holds the watches.
 async fn controllers(
     client: Client,
+    watch_client: Client,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     cfg: &OperatorConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -405,25 +472,33 @@ async fn controllers(
     let (trigger_tx, trigger_rx) = watch::channel(0u64);
     let node_events = {
         let tx = trigger_tx.clone();
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .modify(trim_node)
-            .reflect(node_writer)
-            .touched_objects()
-            .for_each(move |r| {
-                if let Err(e) = r {
-                    tracing::warn!("watching nodes: {e}");
-                } else {
-                    recompute_pools(&tx);
-                }
-                future::ready(())
-            })
+        watcher(
+            Api::<Node>::all(watch_client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(trim_node)
+        .reflect(node_writer)
+        .touched_objects()
+        .for_each(move |r| {
+            if let Err(e) = r {
+                tracing::warn!("watching nodes: {e}");
+            } else {
+                recompute_pools(&tx);
+            }
+            future::ready(())
+        })
     };
     let node_task = tokio::spawn(node_events);
 
     let ledger = Arc::new(Ledger::default());
     let (pods_listed_tx, mut pods_listed) = watch::channel(false);
-    let pod_events = foreign_pods(&client, ledger.clone(), trigger_tx.clone(), pods_listed_tx);
+    let pod_events = foreign_pods(
+        &watch_client,
+        ledger.clone(),
+        trigger_tx.clone(),
+        pods_listed_tx,
+    );
     let pod_task = tokio::spawn(pod_events);
     let abort = || {
         node_task.abort();
@@ -431,7 +506,7 @@ async fn controllers(
     };
 
     let pool_ctrl = Controller::new(
-        Api::<GpuPool>::all(client.clone()),
+        Api::<GpuPool>::all(watch_client.clone()),
         watcher::Config::default(),
     )
     .with_config(
@@ -448,7 +523,7 @@ async fn controllers(
     let groups = Arc::new(GroupIndex::default());
     let index = groups.clone();
     let sts_stream = watcher(
-        Api::<StatefulSet>::all(client.clone()),
+        Api::<StatefulSet>::all(watch_client.clone()),
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
     )
     .default_backoff()
@@ -463,7 +538,7 @@ async fn controllers(
     // The worker pods: a restart, exit or deletion wakes their deployment (failover).
     let (pod_reader, pod_writer) = reflector::store::<Pod>();
     let pod_stream = watcher(
-        Api::<Pod>::all(client.clone()),
+        Api::<Pod>::all(watch_client.clone()),
         watcher::Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={MANAGED_BY},app.kubernetes.io/component=worker"
         )),
@@ -490,6 +565,8 @@ async fn controllers(
         backoff: Backoff::default(),
         pool_trigger: trigger_tx,
         settings: cfg.settings.clone(),
+        health,
+        reconcile_timeout: cfg.reconcile_timeout,
     });
 
     // Rebuild the ledger from the plans the API server holds before planning anything new
@@ -527,7 +604,7 @@ async fn controllers(
         .reconcile_all_on(pool_triggers)
         .graceful_shutdown_on(stop.clone())
         .run(
-            pool::reconcile,
+            |o, c| bounded_reconcile("gpupool", o, c, pool::reconcile),
             |o, e, c| error_policy(o, e, c, "gpupool"),
             ctx.clone(),
         )
@@ -535,7 +612,7 @@ async fn controllers(
 
     let (llmd_reader, llmd_writer) = reflector::store::<LlmDeployment>();
     let llmd_stream = watcher(
-        Api::<LlmDeployment>::all(client.clone()),
+        Api::<LlmDeployment>::all(watch_client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -568,7 +645,7 @@ async fn controllers(
             Some(ObjectRef::<LlmDeployment>::new(&name).within(&pod.namespace()?))
         })
         .watches(
-            Api::<GpuPool>::all(client.clone()),
+            Api::<GpuPool>::all(watch_client.clone()),
             watcher::Config::default(),
             move |pool: GpuPool| {
                 llmds
@@ -581,7 +658,7 @@ async fn controllers(
         )
         .graceful_shutdown_on(stop.clone())
         .run(
-            deployment::reconcile,
+            |o, c| bounded_reconcile("llmdeployment", o, c, deployment::reconcile),
             |o, e, c| error_policy(o, e, c, "llmdeployment"),
             ctx.clone(),
         )
@@ -602,45 +679,18 @@ async fn controllers(
 mod tests {
     use super::*;
 
-    /// 0.5 s doubling to 5 min per object, reset by success, one object's failures not
-    /// touching another's.
     #[test]
-    fn backoff_doubles_from_half_a_second_to_five_minutes_per_object() {
-        let b = Backoff::default();
-        let waits: Vec<u128> = (0..12).map(|_| b.failure("a").as_millis()).collect();
-        assert_eq!(
-            waits,
-            [
-                500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000
-            ]
-        );
-        for _ in 0..100 {
-            assert_eq!(
-                b.failure("a"),
-                Duration::from_secs(300),
-                "capped, never overflowing"
-            );
-        }
-        assert_eq!(b.failure("b"), Duration::from_millis(500), "per object");
-        b.reset("a");
-        assert_eq!(
-            b.failure("a"),
-            Duration::from_millis(500),
-            "reset by a success"
-        );
-    }
-
-    #[test]
-    fn backoff_keys_name_the_controller_and_the_object() {
-        let meta = |ns: Option<&str>| kube::api::ObjectMeta {
-            name: Some("x".into()),
-            namespace: ns.map(String::from),
-            ..Default::default()
+    fn timeouts_have_their_own_error_reasons() {
+        assert_eq!(Error::Timeout(Duration::from_secs(120)).reason(), "timeout");
+        let io = |kind| {
+            Error::Kube(kube::Error::Service(Box::new(std::io::Error::new(
+                kind, "read",
+            ))))
         };
+        assert_eq!(io(std::io::ErrorKind::TimedOut).reason(), "api_timeout");
         assert_eq!(
-            Backoff::key("llmdeployment", &meta(Some("ml"))),
-            "llmdeployment/ml/x"
+            io(std::io::ErrorKind::ConnectionReset).reason(),
+            "transport"
         );
-        assert_eq!(Backoff::key("gpupool", &meta(None)), "gpupool/x");
     }
 }

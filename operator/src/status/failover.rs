@@ -128,6 +128,11 @@ impl NodeView {
                 .and_then(|t| t.parse().ok()),
         }
     }
+    /// Down for longer than `grace`: no kubelet will confirm the deletion of its pods, so
+    /// they are force-deleted (by failover, and by the deletion finalizer).
+    pub fn dead(&self, now: Timestamp, grace: SignedDuration) -> bool {
+        !self.ready && self.since.is_some_and(|t| t + grace <= now)
+    }
 }
 
 /// The deployment's failover settings and the operator's.
@@ -245,9 +250,8 @@ pub fn decide(input: &Inputs) -> Decision {
     let nodes: BTreeMap<&str, &NodeView> =
         input.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let dead = |node: Option<&String>| {
-        node.and_then(|n| nodes.get(n.as_str())).is_some_and(|n| {
-            !n.ready && n.since.is_some_and(|t| t + input.policy.node_grace <= now)
-        })
+        node.and_then(|n| nodes.get(n.as_str()))
+            .is_some_and(|n| n.dead(now, input.policy.node_grace))
     };
     let mut out = Decision::default();
     // Every pod of a dead node goes, whether or not its group is still planned (a group

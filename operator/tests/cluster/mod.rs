@@ -263,6 +263,20 @@ impl Cluster {
         if extra.contains(&"--config") {
             config.clear();
         }
+        // The renew deadline and retry period scaled to the short test Leases (client-go's
+        // 15/10/2 s would be refused under a 3 s Lease), unless the test sets them.
+        let mut timings = vec![
+            "--lease-renew-deadline-seconds".to_string(),
+            (lease_seconds * 2 / 3).max(2).to_string(),
+            "--lease-retry-seconds".to_string(),
+            "1".to_string(),
+        ];
+        if extra
+            .iter()
+            .any(|a| a.starts_with("--lease-renew-deadline") || a.starts_with("--lease-retry"))
+        {
+            timings.clear();
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_whaleflux"))
             .args([
                 "operator",
@@ -276,6 +290,7 @@ impl Cluster {
                 &lease_seconds.to_string(),
             ])
             .args(&config)
+            .args(&timings)
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,whaleflux_operator=debug")
