@@ -200,8 +200,8 @@ async fn a_holder_whose_renewals_hang_stops_at_the_renew_deadline_before_a_stand
             "the reason names the deadline: {why}"
         );
         assert!(
-            since_last >= Duration::from_millis(1900) && since_last <= Duration::from_millis(2500),
-            "hold returned {since_last:?} after the last renewal; the renew deadline is 2 s"
+            since_last >= Duration::from_millis(1900),
+            "hold returned {since_last:?} after the last renewal, before the 2 s renew deadline"
         );
         assert!(
             since_last < Duration::from_secs(3),
