@@ -1,6 +1,7 @@
 //! The process kubelet: StatefulSet pods scheduled onto fake GPU nodes that fit, run as local
 //! processes with the pod's env on their own loopback IPs, probed, restarted, and reported
-//! through pod status, readiness gates included.
+//! through pod status, readiness gates included; deleted pods stop gracefully (preStop pause,
+//! SIGTERM, SIGKILL at the end of the grace period; a force delete at once).
 
 mod common;
 
@@ -399,6 +400,181 @@ async fn configmap_and_host_path_volumes_map_to_folders() {
             }
         })
         .await;
+    })
+    .await;
+}
+
+/// What a test saw of one pod's deletion.
+struct Stop {
+    /// From the DELETE call until the pod object was gone.
+    gone_after: Duration,
+    /// From the DELETE call until the container's log first showed `got TERM`.
+    term_after: Option<Duration>,
+    /// Whether the pod was seen Terminating and not Ready before its process got SIGTERM.
+    unready_before_term: bool,
+    /// The container's exit code in the pod's last state (the DELETED event's object).
+    exit_code: Option<i32>,
+}
+
+/// Deletes pod `name` with `dp` and follows it (a watch from the delete's resource version, and
+/// the container's log) until its object is gone.
+async fn delete_and_follow(
+    pods: &Api<Pod>,
+    kubelet: &whaleflux_e2e::Kubelet,
+    name: &str,
+    dp: &kube::api::DeleteParams,
+) -> Stop {
+    use futures_util::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let before = pods.get(name).await.expect("the pod exists");
+    let rv = before.resource_version().expect("resource version");
+    let mut events = pods
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let t0 = tokio::time::Instant::now();
+    pods.delete(name, dp).await.expect("delete accepted");
+    let mut stop = Stop {
+        gone_after: Duration::ZERO,
+        term_after: None,
+        unready_before_term: false,
+        exit_code: None,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        if stop.term_after.is_none() && kubelet.logs("default", name, "c").contains("got TERM") {
+            stop.term_after = Some(t0.elapsed());
+        }
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = tick.tick() => continue,
+        };
+        let p = match ev {
+            Some(Ok(WatchEvent::Modified(p))) if p.name_any() == name => p,
+            Some(Ok(WatchEvent::Deleted(p))) if p.name_any() == name => {
+                stop.gone_after = t0.elapsed();
+                stop.exit_code = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|cs| cs.into_iter().next())
+                    .and_then(|c| c.state)
+                    .and_then(|s| s.terminated)
+                    .map(|t| t.exit_code);
+                return stop;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("the watch ended before {name} was deleted: {other:?}"),
+        };
+        if p.metadata.deletion_timestamp.is_some()
+            && stop.term_after.is_none()
+            && condition(&p, "Ready").as_deref() == Some("False")
+        {
+            stop.unready_before_term = true;
+        }
+    }
+}
+
+/// Whether a process whose command line contains `marker` runs.
+fn running(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+}
+
+#[tokio::test]
+async fn deleted_pods_stop_gracefully_prestop_sigterm_then_sigkill() {
+    bounded(async {
+        let server = ApiServer::start().await.expect("server starts");
+        let kubelet = server
+            .kubelet(KubeletConfig { nodes: vec![NodeSpec::gpu("n1", "NVIDIA-H100-80GB-HBM3", 1)], ..KubeletConfig::default() })
+            .await
+            .expect("kubelet starts");
+        let pods: Api<Pod> = Api::namespaced(client(&server).await, "default");
+        // $0 of each shell is a marker naming its pod, so the test can tell whether it still runs.
+        let pod = |name: &str, script: &str, grace: i64, pre_stop: Option<i64>| -> Pod {
+            let mut c = json!({"name": "c", "image": "busybox", "command": ["sh", "-c", script, format!("wf-{name}-{}", std::process::id())]});
+            if let Some(s) = pre_stop {
+                c["lifecycle"] = json!({"preStop": {"sleep": {"seconds": s}}});
+            }
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"terminationGracePeriodSeconds": grace, "containers": [c]}})).expect("pod")
+        };
+        let marker = |name: &str| format!("wf-{name}-{}", std::process::id());
+        let graceful = pod("graceful", r#"trap 'echo got TERM; sleep 1; exit 0' TERM; echo started; while true; do sleep 0.1; done"#, 10, Some(1));
+        let stubborn = pod("stubborn", r#"trap '' TERM; echo started; while true; do sleep 0.1; done"#, 2, None);
+        let forced = pod("forced", r#"trap '' TERM; echo started; while true; do sleep 0.1; done"#, 30, Some(5));
+        let hurried = pod("hurried", r#"trap '' TERM; echo started; while true; do sleep 0.1; done"#, 30, None);
+        for p in [&graceful, &stubborn, &forced, &hurried] {
+            pods.create(&PostParams::default(), p).await.expect("pod created");
+        }
+        for name in ["graceful", "stubborn", "forced", "hurried"] {
+            eventually("the pod to run and be Ready", || {
+                let pods = pods.clone();
+                let started = kubelet.logs("default", name, "c").contains("started");
+                async move { started && pods.get(name).await.is_ok_and(|p| condition(&p, "Ready").as_deref() == Some("True")) }
+            })
+            .await;
+        }
+
+        // preStop sleep 1 s, then SIGTERM: the trap runs, the process exits 0 and the pod goes,
+        // long before its 10 s grace period. Until then it is Terminating and not Ready.
+        let stop = delete_and_follow(&pods, &kubelet, "graceful", &Default::default()).await;
+        let term = stop.term_after.expect("the container's log shows the SIGTERM");
+        assert!(term >= Duration::from_secs(1), "SIGTERM came after the 1 s preStop pause, not {term:?}");
+        assert!(stop.gone_after >= term + Duration::from_millis(900), "the pod stayed Terminating while its trap ran: gone {:?}, TERM {term:?}", stop.gone_after);
+        assert!(stop.gone_after < Duration::from_secs(8), "it went when its process exited, not at the grace period: {:?}", stop.gone_after);
+        assert!(stop.unready_before_term, "a Terminating pod is not Ready");
+        assert_eq!(stop.exit_code, Some(0), "the trap's exit code");
+        assert!(!running(&marker("graceful")));
+
+        // SIGTERM ignored: SIGKILL of its process group when the 2 s grace period runs out.
+        let stop = delete_and_follow(&pods, &kubelet, "stubborn", &Default::default()).await;
+        assert!(
+            (Duration::from_millis(1900)..Duration::from_secs(6)).contains(&stop.gone_after),
+            "killed at the end of its 2 s grace period, not after {:?}",
+            stop.gone_after
+        );
+        assert_eq!(stop.exit_code, Some(137), "SIGKILL");
+        assert!(!running(&marker("stubborn")));
+
+        // A force delete (grace 0) removes the object at once and kills the processes at once,
+        // preStop and grace period notwithstanding.
+        let t0 = tokio::time::Instant::now();
+        let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+        pods.delete("forced", &dp).await.expect("force delete");
+        assert!(pods.get_opt("forced").await.expect("get").is_none(), "a force delete removes the pod at once");
+        eventually("the forced pod's processes to be killed", || std::future::ready(!running(&marker("forced")))).await;
+        assert!(t0.elapsed() < Duration::from_secs(2), "killed at once, not after {:?}", t0.elapsed());
+
+        // A second delete shortens the grace period of a Terminating pod (never lengthens it):
+        // 30 s becomes 1 s, and the kubelet kills it 2 s after its SIGTERM (the shortest window).
+        let t0 = tokio::time::Instant::now();
+        pods.delete("hurried", &Default::default()).await.expect("delete");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let p = pods.get("hurried").await.expect("still Terminating");
+        assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
+        let dp = kube::api::DeleteParams { grace_period_seconds: Some(1), ..Default::default() };
+        let p = pods.delete("hurried", &dp).await.expect("delete again").left().expect("still there");
+        assert_eq!(p.metadata.deletion_grace_period_seconds, Some(1));
+        let dp = kube::api::DeleteParams { grace_period_seconds: Some(20), ..Default::default() };
+        let p = pods.delete("hurried", &dp).await.expect("delete again").left().expect("still there");
+        assert_eq!(p.metadata.deletion_grace_period_seconds, Some(1), "never lengthened");
+        eventually("the hurried pod to go", || {
+            let pods = pods.clone();
+            async move { matches!(pods.get_opt("hurried").await, Ok(None)) }
+        })
+        .await;
+        assert!(
+            (Duration::from_millis(1500)..Duration::from_secs(6)).contains(&t0.elapsed()),
+            "killed 2 s after the shortened delete's start, not after {:?}",
+            t0.elapsed()
+        );
+        assert!(!running(&marker("hurried")));
     })
     .await;
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::{condition_true, key, modify, now, owned_pods, set_condition, template_hash};
+use super::{
+    condition_true, delete_pod, key, modify, now, owned_pods, set_condition, template_hash,
+};
 use crate::error::ApiError;
 use crate::selectors::LabelSelector;
 use crate::server::AppState;
@@ -87,13 +89,9 @@ fn reconcile_one(st: &AppState, ns: &str, name: &str, d: &Value) {
     if recreate || new_ready >= replicas {
         remove.extend(old.iter().copied());
     }
+    // Deleted gracefully, as the ReplicaSet controller does: the kubelet stops them first.
     for p in remove {
-        let n = p["metadata"]["name"].as_str().unwrap_or_default();
-        let _ = st
-            .store
-            .write(&key("pods", ns, n), |_, _| -> Result<Write, ApiError> {
-                Ok(Write::Delete)
-            });
+        delete_pod(st, ns, p["metadata"]["name"].as_str().unwrap_or_default());
     }
 
     let all: Vec<&Arc<Value>> = owned.iter().filter(live).collect();

@@ -1,7 +1,117 @@
 //! A pod's life on its node: start its containers, probe them, restart them per
-//! `restartPolicy`, and write phase, container statuses and conditions.
+//! `restartPolicy`, write phase, container statuses and conditions, and stop them gracefully
+//! when the pod is deleted.
+
+use std::os::unix::process::ExitStatusExt;
 
 use super::*;
+
+/// The shortest time a container gets between its SIGTERM and its SIGKILL, even when its preStop
+/// hook used up the grace period (the kubelet's `minimumGracePeriodInSeconds`).
+const MIN_STOP_WINDOW: Duration = Duration::from_secs(2);
+
+/// A deleted pod's grace period: `metadata.deletionGracePeriodSeconds` (what the delete asked
+/// for; a later delete may shorten it), else `spec.terminationGracePeriodSeconds`, else 30 s.
+fn grace_period(pod: &Value) -> Duration {
+    let secs = pod["metadata"]["deletionGracePeriodSeconds"]
+        .as_i64()
+        .or_else(|| pod["spec"]["terminationGracePeriodSeconds"].as_i64())
+        .unwrap_or(30);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+}
+
+/// How long a container's preStop hook pauses before its SIGTERM: a `sleep` action's seconds.
+/// An `exec` or `httpGet` preStop hook is not run (the process kubelet has no container to exec
+/// in; it says so in its log) and pauses nothing.
+fn pre_stop_pause(c: &Value, pod: &str) -> Duration {
+    let hook = &c["lifecycle"]["preStop"];
+    if let Some(secs) = hook["sleep"]["seconds"].as_u64() {
+        return Duration::from_secs(secs);
+    }
+    if hook["exec"].is_object() || hook["httpGet"].is_object() {
+        tracing::info!(
+            pod,
+            container = c["name"].as_str().unwrap_or_default(),
+            "the process kubelet runs only `sleep` preStop hooks; skipping this one"
+        );
+    }
+    Duration::ZERO
+}
+
+/// Advances the stop of one container of a deleted pod, as the kubelet kills a container: its
+/// preStop pause (cut to the grace period), SIGTERM to its main process, then, when it has not
+/// exited by the end of the grace period (counted from the stop's start, so the pause is inside
+/// it; at least [`MIN_STOP_WINDOW`] after the SIGTERM), SIGKILL to its process group. A grace
+/// period of 0 kills at once. Never blocks: each step moves it on. True once nothing runs.
+fn stop(p: &mut Proc, c: &Value, grace: Duration, pod: &str) -> bool {
+    p.restart_at = None;
+    let Some(child) = p.child.as_mut() else {
+        return true;
+    };
+    let now = Instant::now();
+    let container = c["name"].as_str().unwrap_or_default();
+    let s = p.stopping.get_or_insert_with(|| {
+        let pause = if grace.is_zero() {
+            Duration::ZERO
+        } else {
+            pre_stop_pause(c, pod).min(grace)
+        };
+        tracing::debug!(
+            pod,
+            container,
+            grace_s = grace.as_secs(),
+            pause_s = pause.as_secs(),
+            "stopping"
+        );
+        Stopping {
+            began: now,
+            sigterm_at: now + pause,
+            signalled: false,
+            killed: false,
+        }
+    });
+    if s.killed {
+        return false;
+    }
+    if grace.is_zero() {
+        s.killed = kill_group(child);
+        return false;
+    }
+    if !s.signalled && now >= s.sigterm_at {
+        s.signalled = true;
+        if !terminate(child) {
+            // Gone already (reaped on the next step), or not ours to signal: kill it.
+            s.killed = kill_group(child);
+            return false;
+        }
+        tracing::debug!(pod, container, "SIGTERM sent");
+    }
+    let deadline = (s.began + grace).max(s.sigterm_at + MIN_STOP_WINDOW);
+    if s.signalled && now >= deadline {
+        tracing::info!(
+            pod,
+            container,
+            grace_s = grace.as_secs(),
+            "the grace period ran out; killing the container"
+        );
+        s.killed = kill_group(child);
+    }
+    false
+}
+
+/// Removes a deleted pod whose containers have all stopped from the store, once its finalizers
+/// are done (the kubelet's confirmation; until then it stays Terminating).
+fn confirm_deletion(st: &AppState, k: &Key) {
+    let _ = st.store.write(k, |cur, _| -> Result<Write, ApiError> {
+        let done = cur.is_some_and(|p| {
+            !p["metadata"]["deletionTimestamp"].is_null()
+                && p["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+        });
+        Ok(if done { Write::Delete } else { Write::Keep })
+    });
+}
 
 pub(super) fn resolve_port(c: &Value, port: &Value) -> Option<u16> {
     match port {
@@ -123,21 +233,13 @@ pub(super) fn step(
             .as_str()
             .unwrap_or_default()
             .to_string();
-        if !pod["metadata"]["deletionTimestamp"].is_null() {
-            if let Some((_, procs)) = g.pods.remove(&uid) {
-                drop(procs);
-            }
-            let finalizers_done = pod["metadata"]["finalizers"]
-                .as_array()
-                .is_none_or(Vec::is_empty);
-            if finalizers_done {
-                let _ = st
-                    .store
-                    .write(&k, |_, _| -> Result<Write, ApiError> { Ok(Write::Delete) });
-            }
+        let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
+        if deleting && !g.pods.contains_key(&uid) {
+            // Nothing of it runs here (never started, or stopped already).
+            confirm_deletion(st, &k);
             continue;
         }
-        if terminal(&pod) {
+        if terminal(&pod) && !deleting {
             continue;
         }
         if !g.pods.contains_key(&uid) {
@@ -154,10 +256,11 @@ pub(super) fn step(
             let ip = format!("127.{}.{}.{n}", port >> 8, port & 255);
             g.pods.insert(uid.clone(), (ip, BTreeMap::new()));
         }
-        work.push((k, pod, uid, node));
+        work.push((k, pod, uid, node, deleting));
     }
     let mut probes: Vec<ProbeTask> = Vec::new();
-    for (k, pod, uid, node) in work {
+    let mut stopped: Vec<(String, Key)> = Vec::new();
+    for (k, pod, uid, node, deleting) in work {
         let Some((ip, procs)) = g.pods.get_mut(&uid) else {
             continue;
         };
@@ -166,8 +269,13 @@ pub(super) fn step(
             .as_str()
             .unwrap_or("Always")
             .to_string();
+        let grace = grace_period(&pod);
+        let mut all_stopped = true;
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
             let cname = c["name"].as_str().unwrap_or_default().to_string();
+            if deleting && !procs.contains_key(&cname) {
+                continue;
+            }
             let p = procs.entry(cname.clone()).or_insert_with(|| Proc {
                 child: None,
                 restarts: 0,
@@ -179,6 +287,7 @@ pub(super) fn step(
                 terminated: None,
                 ended: false,
                 waiting: None,
+                stopping: None,
             });
             let pid = p.child.as_ref().and_then(Child::id);
             if let Some(child) = p.child.as_mut()
@@ -188,7 +297,11 @@ pub(super) fn step(
                 if let Some(pid) = pid {
                     kill_pgid(pid);
                 }
-                let code = status.code().unwrap_or(137);
+                // Killed by a signal: 128 + its number, as a shell and container runtimes say.
+                let code = status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(137);
                 p.child = None;
                 p.ready = false;
                 let dir = pod_dir(&cfg.root, &k.namespace, &k.name);
@@ -197,11 +310,19 @@ pub(super) fn step(
                     "message": termination_message(&dir, c, code),
                     "startedAt": p.started, "finishedAt": now()}));
                 p.ended = true;
-                let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
+                if p.stopping.is_some() {
+                    tracing::debug!(pod = %k.name, container = %cname, code, "stopped");
+                }
+                let restart =
+                    !deleting && (policy == "Always" || (policy == "OnFailure" && code != 0));
                 if restart {
                     let backoff = Duration::from_millis(200 * 2u64.pow(p.restarts.min(5)));
                     p.restart_at = Some(Instant::now() + backoff);
                 }
+            }
+            if deleting {
+                all_stopped &= stop(p, c, grace, &k.name);
+                continue;
             }
             if p.child.is_none() && p.restart_at.is_some_and(|t| Instant::now() >= t) {
                 match spawn(st, cfg, &pod, c, &ip, dns) {
@@ -269,8 +390,10 @@ pub(super) fn step(
                 Some(t) if !p.ended => json!({"terminated": t}),
                 _ => json!({}),
             };
+            // A stopping container is not ready: the endpoints (here, DNS) drop its pod at once.
+            let ready = p.ready && p.child.is_some() && !deleting;
             Some(json!({"name": cname, "image": c["image"], "imageID": "", "containerID": p.child.as_ref().and_then(Child::id).map(|id| format!("process://{id}")),
-                "ready": p.ready && p.child.is_some(), "started": p.child.is_some(), "restartCount": p.restarts, "state": state, "lastState": last}))
+                "ready": ready, "started": p.child.is_some(), "restartCount": p.restarts, "state": state, "lastState": last}))
         }).collect();
         let all_running =
             !statuses.is_empty() && statuses.iter().all(|s| s["state"]["running"].is_object());
@@ -333,6 +456,14 @@ pub(super) fn step(
             };
             set_condition(p, "Ready", ready, reason, "");
         });
+        if deleting && all_stopped {
+            stopped.push((uid, k));
+        }
+    }
+    // Every container of these deleted pods has stopped: forget them and confirm.
+    for (uid, k) in stopped {
+        g.pods.remove(&uid);
+        confirm_deletion(st, &k);
     }
     probes
 }

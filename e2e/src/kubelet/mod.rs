@@ -3,7 +3,10 @@
 //! fit, and runs each container's command as a local process with the Pod's env, on its own
 //! loopback address. It probes readiness and liveness over HTTP, restarts per
 //! `restartPolicy`, and writes Pod phase, container statuses and conditions (readiness gates
-//! included). One role per file: this one holds the nodes, the shared object helpers and the
+//! included). A deleted pod stops as on a real node: Terminating and not ready, each container's
+//! `sleep` preStop pause, SIGTERM to its main process, SIGKILL to its process group when the
+//! grace period runs out; the pod object goes once every container has stopped. One role per
+//! file: this one holds the nodes, the shared object helpers and the
 //! loop; `scheduler`, `statefulsets`, `deployments`, `container` (a process's env and volumes)
 //! and `lifecycle` (probes, restarts, status) the rest.
 //!
@@ -110,6 +113,30 @@ fn kill_pgid(pid: u32) {
     }
 }
 
+/// SIGTERM a container's main process only, as a container runtime signals the container's
+/// PID 1 (what it started is the main process's to stop).
+fn terminate(child: &Child) -> bool {
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        return false;
+    };
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped (`id()` is None once
+    // it has been); it touches no memory.
+    unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
+}
+
+/// A container being stopped because its pod is being deleted (see `lifecycle::stop`).
+#[derive(Debug, Clone, Copy)]
+struct Stopping {
+    /// When the kubelet began stopping it: the grace period counts from here.
+    began: Instant,
+    /// When its main process gets SIGTERM: after its preStop pause.
+    sigterm_at: Instant,
+    /// Whether SIGTERM has been sent.
+    signalled: bool,
+    /// Whether the grace period ran out and the process group was killed.
+    killed: bool,
+}
+
 /// One running (or waiting to restart) container process.
 #[derive(Debug)]
 struct Proc {
@@ -127,6 +154,8 @@ struct Proc {
     /// Whether `terminated` is the current state (not restarted since).
     ended: bool,
     waiting: Option<(String, String)>,
+    /// Set once its pod is being deleted: the container stops and is not restarted.
+    stopping: Option<Stopping>,
 }
 
 impl Drop for Proc {
@@ -491,6 +520,44 @@ pub(crate) fn owned_pods(st: &AppState, ns: &str, uid: &str) -> Vec<Arc<Value>> 
                 .is_some_and(|r| r.iter().any(|o| o["uid"] == json!(uid)))
         })
         .collect()
+}
+
+/// Deletes a pod as a controller does (DeleteOptions without a grace period, like the
+/// StatefulSet and ReplicaSet controllers): a pod bound to a node and not yet finished is
+/// deleted gracefully with its own `terminationGracePeriodSeconds` (30 when unset): it gets a
+/// deletionTimestamp and its kubelet stops it (preStop, SIGTERM, SIGKILL when the grace period
+/// runs out) and then removes it, so on a dead node it stays Terminating. Any other pod goes
+/// at once, unless finalizers hold it.
+pub(crate) fn delete_pod(st: &AppState, ns: &str, name: &str) {
+    let _ = st.store.write(
+        &key("pods", ns, name),
+        |cur, _| -> Result<Write, ApiError> {
+            let Some(cur) = cur else {
+                return Ok(Write::Keep);
+            };
+            if !cur["metadata"]["deletionTimestamp"].is_null() {
+                return Ok(Write::Keep);
+            }
+            let grace = cur["spec"]["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(30);
+            let graceful = cur["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty())
+                && grace > 0
+                && !terminal(cur);
+            let held = cur["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if !graceful && !held {
+                return Ok(Write::Delete);
+            }
+            let mut p = cur.as_ref().clone();
+            p["metadata"]["deletionTimestamp"] = json!(now());
+            p["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
+            Ok(Write::Put(p))
+        },
+    );
 }
 
 pub(crate) fn template_hash(template: &Value) -> String {

@@ -92,23 +92,3 @@ pub(super) fn reconcile_statefulsets(st: &AppState) {
         });
     }
 }
-
-/// Deletes a pod as the controller does: gracefully when it is bound to a node (its kubelet
-/// stops it and confirms, so on a dead node it stays Terminating), at once otherwise.
-fn delete_pod(st: &AppState, ns: &str, name: &str) {
-    let _ = st.store.write(
-        &key("pods", ns, name),
-        |cur, _| -> Result<Write, ApiError> {
-            let Some(cur) = cur else {
-                return Ok(Write::Keep);
-            };
-            if cur["spec"]["nodeName"].is_null() {
-                return Ok(Write::Delete);
-            }
-            let mut p = cur.as_ref().clone();
-            p["metadata"]["deletionTimestamp"] = json!(now());
-            p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-            Ok(Write::Put(p))
-        },
-    );
-}

@@ -108,7 +108,20 @@ pub(super) fn delete_one(
             return Ok(Write::Delete);
         }
         if !old["metadata"]["deletionTimestamp"].is_null() {
-            return Ok(Write::Keep);
+            // A later delete of a Terminating pod may shorten its grace period (never lengthen
+            // it): `kubectl delete --grace-period=1` hurries a slow stop along.
+            let wanted = if graceful { grace } else { 0 };
+            let shorter = info.group.is_empty()
+                && info.resource == "pods"
+                && old["metadata"]["deletionGracePeriodSeconds"]
+                    .as_i64()
+                    .is_some_and(|g| wanted < g);
+            if !shorter {
+                return Ok(Write::Keep);
+            }
+            let mut new = Value::clone(old);
+            new["metadata"]["deletionGracePeriodSeconds"] = json!(wanted);
+            return Ok(Write::Put(new));
         }
         let mut new = Value::clone(old);
         new["metadata"]["finalizers"] = Value::Array(finalizers);

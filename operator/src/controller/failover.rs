@@ -152,8 +152,15 @@ pub(super) async fn run(
                 reason,
                 counted,
             } => {
+                // A broken group has nothing to drain, and a rank of it still in its preStop
+                // pause could join the group's next incarnation: its pods go at once. Pods of
+                // an old configuration are healthy and serving: they drain (grace period).
+                let dp = DeleteParams {
+                    grace_period_seconds: counted.then_some(0),
+                    ..DeleteParams::default()
+                };
                 for p in pods {
-                    ignore_not_found(pod_api.delete(p, &DeleteParams::default()).await)?;
+                    ignore_not_found(pod_api.delete(p, &dp).await)?;
                 }
                 if *counted {
                     let spent = decision

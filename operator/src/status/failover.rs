@@ -158,8 +158,8 @@ pub struct GroupSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Delete these pods of the group at once; the StatefulSet makes them again together.
-    /// `counted` recreations spend the restart budget; replacing pods of an old
-    /// configuration does not.
+    /// `counted` recreations (a fault) spend the restart budget and delete with no grace;
+    /// replacing pods of an old configuration does not, and drains them.
     Recreate {
         group: i32,
         pods: Vec<String>,
