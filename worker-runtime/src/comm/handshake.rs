@@ -35,21 +35,27 @@ pub(crate) const HELLO_REST: usize = 12 + DIGEST + NONCE;
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn mac(secret: &[u8], role: u8, group: i32, who: RankId, a: &[u8], b: &[u8]) -> [u8; 32] {
-    // new_from_slice accepts keys of any length for HMAC.
-    let mut m = match HmacSha256::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
+/// The HMAC of one handshake proof: who proves (`role`), in which group, for which rank, over
+/// the challenge `a` and the answer `b`.
+fn proof(secret: &[u8], role: u8, group: i32, who: RankId, a: &[u8], b: &[u8]) -> HmacSha256 {
+    let mut m = keyed(secret);
     m.update(&[role]);
     m.update(&group.to_le_bytes());
     m.update(&(who.stage as u32).to_le_bytes());
     m.update(&(who.tp_rank as u32).to_le_bytes());
     m.update(a);
     m.update(b);
-    m.finalize().into_bytes().into()
+    m
 }
 
+fn mac(secret: &[u8], role: u8, group: i32, who: RankId, a: &[u8], b: &[u8]) -> [u8; 32] {
+    proof(secret, role, group, who, a, b)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Whether `tag` is the proof (compared in constant time).
 fn verify(
     secret: &[u8],
     role: u8,
@@ -59,17 +65,9 @@ fn verify(
     b: &[u8],
     tag: &[u8],
 ) -> bool {
-    let mut m = match HmacSha256::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => return false,
-    };
-    m.update(&[role]);
-    m.update(&group.to_le_bytes());
-    m.update(&(who.stage as u32).to_le_bytes());
-    m.update(&(who.tp_rank as u32).to_le_bytes());
-    m.update(a);
-    m.update(b);
-    m.verify_slice(tag).is_ok()
+    proof(secret, role, group, who, a, b)
+        .verify_slice(tag)
+        .is_ok()
 }
 
 /// Dialer side: say who we are, check the listener knows the secret, prove we do; returns the
