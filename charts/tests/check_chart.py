@@ -73,7 +73,8 @@ ALL_ON: dict[str, Any] = {
          "tolerationSeconds": 60},
     ],
     "operator": {"leaseDurationSeconds": 20, "leaseRenewDeadlineSeconds": 12,
-                 "leaseRetryPeriodSeconds": 3, "concurrency": 8,
+                 "leaseRetryPeriodSeconds": 3, "apiTimeoutSeconds": 20,
+                 "reconcileTimeoutSeconds": 90, "concurrency": 8,
                  "logLevel": "whaleflux=debug,info"},
     "serviceAccount": {"annotations": {"example.com/role": "whaleflux"}},
     "podAnnotations": {"example.com/team": "ml-platform"},
@@ -282,8 +283,10 @@ def check_rbac(r: Render, chart: Path) -> None:
 
 
 def check_deployment(r: Render, *, metrics_port: int, lease: tuple[int, int, int],
-                     concurrency: int, image: str, replicas: int) -> None:
-    """`lease`: duration, renew deadline, retry period (seconds)."""
+                     timeouts: tuple[int, int], concurrency: int, image: str,
+                     replicas: int) -> None:
+    """`lease`: duration, renew deadline, retry period; `timeouts`: API call, reconcile
+    (seconds)."""
     dep = r.one("Deployment", RELEASE)
     pod = dep["spec"]["template"]
     spec = pod["spec"]
@@ -300,6 +303,8 @@ def check_deployment(r: Render, *, metrics_port: int, lease: tuple[int, int, int
                  "--lease-duration-seconds", str(lease[0]),
                  "--lease-renew-deadline-seconds", str(lease[1]),
                  "--lease-retry-seconds", str(lease[2]),
+                 "--api-timeout-seconds", str(timeouts[0]),
+                 "--reconcile-timeout-seconds", str(timeouts[1]),
                  "--concurrency", str(concurrency),
                  "--config", "/etc/whaleflux/operator.yaml"]
     expect(c["args"] == want_args, f"args {c['args']} != {want_args}")
@@ -357,7 +362,8 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
     ok(f"defaults render exactly {', '.join(want)}")
     check_common(r)
     app = chart_file_yaml(chart, "Chart.yaml")["appVersion"]
-    check_deployment(r, metrics_port=8080, lease=(15, 10, 2), concurrency=16,
+    check_deployment(r, metrics_port=8080, lease=(15, 10, 2), timeouts=(30, 120),
+                     concurrency=16,
                      image=f"ghcr.io/whaleflux/whaleflux:{app}", replicas=2)
     c = container(r)
     expect(c["imagePullPolicy"] == "IfNotPresent", "default pullPolicy")
@@ -415,7 +421,8 @@ def cmd_render_defaults(chart: Path, _args: argparse.Namespace) -> str:
 def cmd_render_all_on(chart: Path, _args: argparse.Namespace) -> str:
     r = render(chart, ALL_ON)
     check_common(r)
-    check_deployment(r, metrics_port=9090, lease=(20, 12, 3), concurrency=8,
+    check_deployment(r, metrics_port=9090, lease=(20, 12, 3), timeouts=(20, 90),
+                     concurrency=8,
                      image=f"ghcr.io/whaleflux/whaleflux@{DIGEST}", replicas=3)
     ok("image digest wins over the tag (repository@digest)")
     dep = r.one("Deployment", RELEASE)
