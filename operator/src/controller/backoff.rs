@@ -15,13 +15,7 @@ impl Backoff {
     /// The key of one object of `controller`: `controller/namespace/name` (no namespace for
     /// cluster-scoped objects). The failure and the reset of an object use the same key.
     pub fn key(controller: &str, meta: &kube::api::ObjectMeta) -> String {
-        match meta.namespace.as_deref() {
-            Some(ns) => format!(
-                "{controller}/{ns}/{}",
-                meta.name.as_deref().unwrap_or_default()
-            ),
-            None => format!("{controller}/{}", meta.name.as_deref().unwrap_or_default()),
-        }
+        format!("{controller}/{}", super::object_label(meta))
     }
 
     /// Records a failure of `key`; returns how long to wait before retrying.

@@ -222,7 +222,8 @@ async fn clients(api_timeout: Duration) -> Result<(Client, Client), kube::Error>
     Ok((Client::try_from(config)?, watches))
 }
 
-/// The label of an object in health reports: `namespace/name`, or `name`.
+/// How logs, health reports and backoff keys name an object: `namespace/name`, or `name` for
+/// a cluster-scoped one.
 fn object_label(meta: &kube::api::ObjectMeta) -> String {
     let name = meta.name.as_deref().unwrap_or_default();
     match meta.namespace.as_deref() {

@@ -249,8 +249,23 @@ impl Link for TcpConn {
     }
 
     fn recv_reply(&self) -> Result<Msg, CommError> {
+        self.next_msg(Some(self.timeout))
+    }
+
+    fn recv(&self) -> Result<Msg, CommError> {
+        self.next_msg(None)
+    }
+}
+
+impl TcpConn {
+    /// The next message from the reader thread, waiting at most `limit` (`None`: for ever).
+    fn next_msg(&self, limit: Option<Duration>) -> Result<Msg, CommError> {
         let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-        match rx.recv_timeout(self.timeout) {
+        let got = match limit {
+            Some(t) => rx.recv_timeout(t),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(CommError::NoReply {
                 peer: self.peer,
@@ -258,18 +273,6 @@ impl Link for TcpConn {
                 ms: self.timeout.as_millis() as u64,
             }),
             Err(RecvTimeoutError::Disconnected) => Err(CommError::Closed {
-                peer: self.peer,
-                addr: self.addr.clone(),
-                detail: "the connection ended".into(),
-            }),
-        }
-    }
-
-    fn recv(&self) -> Result<Msg, CommError> {
-        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-        match rx.recv() {
-            Ok(r) => r,
-            Err(_) => Err(CommError::Closed {
                 peer: self.peer,
                 addr: self.addr.clone(),
                 detail: "the connection ended".into(),
