@@ -28,6 +28,28 @@ pub const EXIT_PANIC: i32 = 70;
 /// Where a container's termination message is written (Kubernetes' default
 /// `terminationMessagePath`).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The variable that tells CUDA which GPUs a process may use (indices or `GPU-…` UUIDs).
+/// `whaleflux run` gives each worker its GPUs with it; NVML ignores it, so the worker's health
+/// monitor applies it to watch only its own.
+pub const VISIBLE_DEVICES_ENV: &str = "CUDA_VISIBLE_DEVICES";
+/// Environment variable naming the NVML library to load instead of the driver's
+/// (`libnvidia-ml.so.1`): read by the worker and by `whaleflux run`, which plans on its GPUs.
+pub const NVML_LIBRARY_ENV: &str = "WHALEFLUX_NVML_LIBRARY";
+
+/// The sentence a worker stopped by a fatal GPU fault reports (readiness, termination message,
+/// the errors of its open requests). It names the GPU by UUID so that a supervisor can leave
+/// that GPU out ([`faulty_gpu_uuid`]).
+pub fn gpu_fault_message(index: u32, uuid: &str, model: &str, reason: &str) -> String {
+    format!("fatal GPU fault on GPU {index} ({uuid}, {model}): {reason}")
+}
+
+/// The UUID of the GPU a [`gpu_fault_message`] in `message` names.
+pub fn faulty_gpu_uuid(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("fatal GPU fault on GPU ")?;
+    let (_, inside) = rest.split_once(" (")?;
+    let (uuid, _) = inside.split_once(", ")?;
+    (!uuid.is_empty() && !uuid.contains(char::is_whitespace)).then_some(uuid)
+}
 
 /// One worker process's view of its replica group.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -175,5 +197,33 @@ impl WorkerConfig {
             });
         }
         Ok(stage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_fault_message_names_its_gpu_by_uuid() {
+        let m = gpu_fault_message(3, "GPU-5b3e-77aa", "NVIDIA H100 80GB HBM3", "xid_79");
+        assert_eq!(
+            m,
+            "fatal GPU fault on GPU 3 (GPU-5b3e-77aa, NVIDIA H100 80GB HBM3): xid_79"
+        );
+        assert_eq!(faulty_gpu_uuid(&m), Some("GPU-5b3e-77aa"));
+        // As a termination message, after a log line or with a newline after it.
+        assert_eq!(
+            faulty_gpu_uuid(&format!("whaleflux-worker: {m}; stopping this rank\n")),
+            Some("GPU-5b3e-77aa")
+        );
+        for other in [
+            "",
+            "peer stage 1 went away",
+            "fatal GPU fault on GPU 1",
+            "fatal GPU fault on GPU 1 (, H100): lost",
+        ] {
+            assert_eq!(faulty_gpu_uuid(other), None, "{other:?}");
+        }
     }
 }

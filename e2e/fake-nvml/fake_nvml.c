@@ -34,6 +34,10 @@
  *   gpu.N.throttle_reasons 0             bitmask of nvmlClocksThrottleReason* values
  *   gpu.N.pcie_replays 0                 nvmlDeviceGetPcieReplayCounter
  *   gpu.N.retired_pages_pending 0        nvmlDeviceGetRetiredPagesPendingStatus
+ *   gpu.N.remapped_rows_correctable 0    nvmlDeviceGetRemappedRows: corrRows
+ *   gpu.N.remapped_rows_uncorrectable 0  nvmlDeviceGetRemappedRows: uncRows
+ *   gpu.N.row_remap_pending 0            nvmlDeviceGetRemappedRows: isPending
+ *   gpu.N.row_remap_failure 0            nvmlDeviceGetRemappedRows: failureOccurred
  *   gpu.N.nvlink_links 4                 links 0..n-1 exist (at most 18)
  *   gpu.N.nvlink.L.active 1
  *   gpu.N.nvlink.L.replay_errors 0       NVML_NVLINK_ERROR_DL_REPLAY
@@ -159,6 +163,10 @@ struct fake_gpu {
     unsigned long long throttle_reasons;
     unsigned int pcie_replays;
     int retired_pages_pending;
+    unsigned int remapped_rows_correctable;
+    unsigned int remapped_rows_uncorrectable;
+    int row_remap_pending;
+    int row_remap_failure;
     unsigned int nvlink_links;
     struct fake_link links[MAX_LINKS];
     int lost;
@@ -386,6 +394,14 @@ static int parse_gpu_key(struct fake_gpu *g, const char *field, const char *valu
         return parse_u32(value, &g->pcie_replays);
     if (strcmp(field, "retired_pages_pending") == 0)
         return parse_bool(value, &g->retired_pages_pending);
+    if (strcmp(field, "remapped_rows_correctable") == 0)
+        return parse_u32(value, &g->remapped_rows_correctable);
+    if (strcmp(field, "remapped_rows_uncorrectable") == 0)
+        return parse_u32(value, &g->remapped_rows_uncorrectable);
+    if (strcmp(field, "row_remap_pending") == 0)
+        return parse_bool(value, &g->row_remap_pending);
+    if (strcmp(field, "row_remap_failure") == 0)
+        return parse_bool(value, &g->row_remap_failure);
     if (strcmp(field, "nvlink_links") == 0) {
         unsigned int n;
 
@@ -912,6 +928,27 @@ EXPORT nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device,
     if (r != NVML_SUCCESS)
         return r;
     *isPending = g->retired_pages_pending ? 1 : 0;
+    return device_end(NVML_SUCCESS);
+}
+
+/* Row remapping (Ampere and later): rows remapped for correctable and uncorrectable errors,
+ * a remapping waiting for the next GPU reset, and a remapping that failed. */
+EXPORT nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrRows,
+                                              unsigned int *uncRows, unsigned int *isPending,
+                                              unsigned int *failureOccurred)
+{
+    struct fake_gpu *g;
+    nvmlReturn_t r;
+
+    if (uncRows == NULL || isPending == NULL || failureOccurred == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    r = device_begin(device, corrRows, &g, NULL);
+    if (r != NVML_SUCCESS)
+        return r;
+    *corrRows = g->remapped_rows_correctable;
+    *uncRows = g->remapped_rows_uncorrectable;
+    *isPending = g->row_remap_pending ? 1 : 0;
+    *failureOccurred = g->row_remap_failure ? 1 : 0;
     return device_end(NVML_SUCCESS);
 }
 

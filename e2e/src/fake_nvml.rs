@@ -177,6 +177,14 @@ pub struct FakeGpu {
     pub pcie_replays: u32,
     /// `nvmlDeviceGetRetiredPagesPendingStatus`.
     pub retired_pages_pending: bool,
+    /// `nvmlDeviceGetRemappedRows`: rows remapped for correctable errors.
+    pub remapped_rows_correctable: u32,
+    /// `nvmlDeviceGetRemappedRows`: rows remapped for uncorrectable errors.
+    pub remapped_rows_uncorrectable: u32,
+    /// `nvmlDeviceGetRemappedRows`: a remapping waits for the next GPU reset.
+    pub row_remap_pending: bool,
+    /// `nvmlDeviceGetRemappedRows`: a remapping failed (no spare row left).
+    pub row_remap_failure: bool,
     /// Links `0..nvlinks.len()` exist (at most [`MAX_NVLINKS`]); others answer
     /// `NVML_ERROR_INVALID_ARGUMENT`.
     pub nvlinks: Vec<FakeLink>,
@@ -207,6 +215,10 @@ impl FakeGpu {
             throttle_reasons: 0,
             pcie_replays: 0,
             retired_pages_pending: false,
+            remapped_rows_correctable: 0,
+            remapped_rows_uncorrectable: 0,
+            row_remap_pending: false,
+            row_remap_failure: false,
             nvlinks: vec![FakeLink::healthy(); 4],
             lost: false,
         }
@@ -290,6 +302,18 @@ impl FakeNode {
                 "{p}retired_pages_pending {}",
                 u8::from(g.retired_pages_pending)
             );
+            let _ = writeln!(
+                s,
+                "{p}remapped_rows_correctable {}",
+                g.remapped_rows_correctable
+            );
+            let _ = writeln!(
+                s,
+                "{p}remapped_rows_uncorrectable {}",
+                g.remapped_rows_uncorrectable
+            );
+            let _ = writeln!(s, "{p}row_remap_pending {}", u8::from(g.row_remap_pending));
+            let _ = writeln!(s, "{p}row_remap_failure {}", u8::from(g.row_remap_failure));
             let _ = writeln!(s, "{p}nvlink_links {}", g.nvlinks.len());
             for (l, link) in g.nvlinks.iter().enumerate() {
                 let q = format!("{p}nvlink.{l}.");
@@ -388,6 +412,10 @@ gpu.0.ecc_corrected_aggregate 0
 gpu.0.throttle_reasons 0
 gpu.0.pcie_replays 0
 gpu.0.retired_pages_pending 0
+gpu.0.remapped_rows_correctable 0
+gpu.0.remapped_rows_uncorrectable 0
+gpu.0.row_remap_pending 0
+gpu.0.row_remap_failure 0
 gpu.0.nvlink_links 4
 gpu.0.nvlink.0.active 1
 gpu.0.nvlink.0.replay_errors 0

@@ -1,6 +1,7 @@
 //! The process kubelet: StatefulSet pods scheduled onto fake GPU nodes that fit, run as local
 //! processes with the pod's env on their own loopback IPs, probed, restarted, and reported
-//! through pod status, readiness gates included; deleted pods stop gracefully (preStop pause,
+//! through pod status, readiness gates included; a startup probe holds the other probes back
+//! and restarts a container that never starts; deleted pods stop gracefully (preStop pause,
 //! SIGTERM, SIGKILL at the end of the grace period; a force delete at once).
 
 mod common;
@@ -299,6 +300,73 @@ async fn restarts_readiness_gates_and_node_failure() {
         })
         .await;
         assert!(!kubelet.kill("default", "p"), "no process is left");
+    })
+    .await;
+}
+
+/// Serves `/startupz` 200 once the file `$STARTED` exists (503 before), every other path 200.
+const STARTUP_SERVER: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path != "/startupz" or os.path.exists(os.environ["STARTED"])
+        self.send_response(200 if ok else 503)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((os.environ["POD_IP"], 8080), H).serve_forever()
+"#;
+
+#[tokio::test]
+async fn startup_probes_hold_the_other_probes_back_and_restart_a_container_that_never_starts() {
+    bounded(async {
+        let server = ApiServer::start().await.expect("server starts");
+        let _kubelet = server.kubelet(KubeletConfig { nodes: vec![NodeSpec::gpu("n1", "NVIDIA-H100-80GB-HBM3", 1)], ..KubeletConfig::default() }).await.expect("kubelet starts");
+        let pods: Api<Pod> = Api::namespaced(client(&server).await, "default");
+        let dir = std::env::temp_dir().join(format!("wf-kubelet-startup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let pod = |name: &str, failures: u32| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"containers": [{
+                "name": "c", "image": "python:3", "command": ["python3", "-c", STARTUP_SERVER],
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "env": [
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "STARTED", "value": dir.join(name).to_str().expect("utf-8 path")}
+                ],
+                "startupProbe": {"httpGet": {"path": "/startupz", "port": "http"}, "periodSeconds": 1, "failureThreshold": failures},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1}
+            }]}}))
+            .expect("pod")
+        };
+        let status = |pods: Api<Pod>, name: &'static str| async move {
+            let s = pods.get(name).await.ok()?.status?.container_statuses?.into_iter().next()?;
+            Some((s.started.unwrap_or(false), s.ready, s.restart_count, s.state?.running.is_some()))
+        };
+        // "slow" starts once the test says so: until then it runs, neither started nor ready,
+        // and is not restarted (its threshold is 60 s).
+        pods.create(&PostParams::default(), &pod("slow", 60)).await.expect("created");
+        eventually("slow to run", || {
+            let pods = pods.clone();
+            async move { status(pods, "slow").await.is_some_and(|s| s.3) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(status(pods.clone(), "slow").await, Some((false, false, 0, true)), "not started, not ready, not restarted");
+        std::fs::write(dir.join("slow"), "").expect("marker");
+        eventually("slow to be started and ready", || {
+            let pods = pods.clone();
+            async move { status(pods, "slow").await == Some((true, true, 0, true)) }
+        })
+        .await;
+        // "stuck" never starts: killed after 2 failed startup probes, and restarted.
+        pods.create(&PostParams::default(), &pod("stuck", 2)).await.expect("created");
+        eventually("stuck to be restarted", || {
+            let pods = pods.clone();
+            async move { status(pods, "stuck").await.is_some_and(|s| s.2 >= 1 && !s.0 && !s.1) }
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
 }

@@ -211,6 +211,20 @@ fn llama70b_two_groups_on_pvc_matches_golden() {
         .expect("selector");
     assert_eq!(sel[POD_INDEX_LABEL], "0");
     assert!(!sel.contains_key(GROUP_LABEL));
+
+    // A stage of 70B weights may load for minutes: the startup probe allows at least the
+    // group's formation deadline, which counts the stage's bytes, and liveness waits for it.
+    let worker = &pod_spec(&c).containers[0];
+    let startup = worker.startup_probe.as_ref().expect("a startup probe");
+    let path = startup.http_get.as_ref().and_then(|h| h.path.as_deref());
+    assert_eq!(path, Some("/startupz"));
+    let budget_s = i64::from(startup.period_seconds.expect("period"))
+        * i64::from(startup.failure_threshold.expect("threshold"));
+    let formation_s = whaleflux_crds::worker::formation_timeout_ms(&plan) / 1000;
+    assert!(
+        budget_s >= formation_s && formation_s > 120 + 300,
+        "startup budget {budget_s} s for a formation deadline of {formation_s} s"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `whaleflux run` as a user runs it: the real binary starting real `whaleflux-worker`
 //! processes on the real SmolLM2 file, answering HTTP completions, restarting the group when a
-//! worker is killed, and stopping cleanly on SIGTERM; and its errors for bad input.
+//! worker is killed, re-planning it onto the GPUs that remain when one fails (a fake NVML),
+//! and stopping cleanly on SIGTERM; and its errors for bad input.
 //!
 //! Needs `WHALEFLUX_TEST_MODEL` (`scripts/fetch-model.sh` prints the path) and the worker binary
 //! beside `whaleflux` (`cargo build -p whaleflux-worker`; `cargo nextest run --workspace` builds
@@ -312,6 +313,93 @@ fn spent_restart_budget_gives_up_with_an_error() {
         dir.join("whaleflux-run-").display()
     );
     assert!(all.contains(&kept), "{all}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// On GPUs (three fake H100s through the fake NVML, loaded by `whaleflux run` and its workers
+/// through the ordinary library option): each rank watches only the GPUs it was given; an XID
+/// 79 on a GPU of the group stops its rank, and the group is planned again on the GPUs that
+/// remain and answers again; once too few remain for the fixed split, `whaleflux run` says
+/// which GPUs failed and exits 1.
+#[test]
+fn a_gpu_fault_replans_the_group_onto_the_gpus_that_remain() {
+    use whaleflux_e2e::fake_nvml::{self, FakeNode, STATE_ENV};
+
+    let model = model();
+    let dir = std::env::temp_dir().join(format!("wf-run-gpu-fault-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let library = fake_nvml::build(&dir).expect("the fake NVML builds");
+    let state = dir.join("node.state");
+    let mut node = FakeNode::h100s(3);
+    node.write(&state).expect("state");
+    let uuid = |i: usize| node.gpus[i].uuid.clone();
+    let (gpu0, gpu1, gpu2) = (uuid(0), uuid(1), uuid(2));
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut run = Run::start_with(
+        &[
+            "-f",
+            EXAMPLE,
+            "--devices",
+            "gpu",
+            "--tensor-parallel",
+            "1",
+            "--pipeline-parallel",
+            "2",
+            "--port",
+            &port_s,
+            "--model",
+            model.to_str().expect("UTF-8"),
+        ],
+        &dir,
+        &[
+            ("WHALEFLUX_NVML_LIBRARY", library.to_str().expect("UTF-8")),
+            (STATE_ENV, state.to_str().expect("UTF-8")),
+        ],
+    );
+    run.wait_for(&["Serving smollm2-135m"], Duration::from_secs(300));
+    let all = run.seen.join("\n");
+    assert!(
+        all.contains(&format!("stage 0 on {gpu0}")) && all.contains(&format!("stage 1 on {gpu1}")),
+        "the stages take the first two GPUs:\n{all}"
+    );
+    assert!(complete(port, "The capital of France is").starts_with(" Paris"));
+
+    // GPU 0 falls off the bus: stage 0 stops, the group moves to GPUs 1 and 2.
+    node.xids.push((0, 79));
+    node.write(&state).expect("state");
+    let line = run.wait_for(
+        &["planning the group again without that GPU"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        line.contains("stage 0") && line.contains(&gpu0) && line.contains("xid_79"),
+        "{line}"
+    );
+    let line = run.wait_for(&["stage 0 on "], Duration::from_secs(30));
+    assert!(line.ends_with(&gpu1), "{line}");
+    let line = run.wait_for(&["stage 1 on "], Duration::from_secs(5));
+    assert!(line.ends_with(&gpu2), "{line}");
+    run.wait_for(&["serving again at"], Duration::from_secs(300));
+    assert!(
+        complete(port, "The capital of France is").starts_with(" Paris"),
+        "after the re-plan"
+    );
+
+    // A fault on GPU 0 again is no longer the group's business; one on GPU 2 leaves a single
+    // GPU for a fixed two-stage split.
+    node.xids.push((0, 79));
+    node.xids.push((2, 48));
+    node.write(&state).expect("state");
+    let status = run.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", run.seen.join("\n"));
+    let all = run.seen.join("\n");
+    assert!(
+        all.contains(&format!(
+            "GPU(s) {gpu0}, {gpu2} failed, and no plan fits the 1 GPU(s) that remain"
+        )),
+        "{all}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -371,6 +371,7 @@ impl Worker {
         on_fatal: Arc<dyn Fn(String) + Send + Sync>,
     ) -> Result<Started, StartError> {
         let cfg = &self.cfg;
+        let loading = Instant::now();
         if let Some(want) = &cfg.model.sha256 {
             let t0 = Instant::now();
             check_sha256(Path::new(&cfg.model.path), want)?;
@@ -408,7 +409,12 @@ impl Worker {
                 vec![engine::Rank::new(me, Arc::new(model), be)]
             }
         };
-        tracing::info!(rank = %me, layers = ?ranks[0].model.spec.layers, weight_bytes = ranks.iter().map(|r| r.model.weight_bytes()).sum::<usize>(), "shard loaded");
+        let weight_bytes: usize = ranks.iter().map(|r| r.model.weight_bytes()).sum();
+        tracing::info!(rank = %me, layers = ?ranks[0].model.spec.layers, weight_bytes, "shard loaded");
+        metrics.load_seconds.set(loading.elapsed().as_secs_f64());
+        metrics
+            .weight_bytes
+            .set(i64::try_from(weight_bytes).unwrap_or(i64::MAX).max(1));
         if let (Some(listener), Some(opts)) = (self.listener.take(), self.tcp.as_ref()) {
             let eps = self.endpoints(me);
             let conns = comm::tcp::connect(me, listener, &eps, opts)?;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use whaleflux_crds::WorkerConfig;
 use whaleflux_worker::engine::sampling::argmax;
 use whaleflux_worker::engine::{KvCache, SeqInput};
-use whaleflux_worker::health::MonitorConfig;
+use whaleflux_worker::health::{MonitorConfig, VISIBLE_DEVICES_ENV, Visible};
 use whaleflux_worker::metrics::Metrics;
 use whaleflux_worker::server::listen::{self, HttpLimits};
 use whaleflux_worker::server::{AppState, router};
@@ -61,7 +61,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1 << 20)]
         max_body: usize,
         /// The NVML library to load for GPU health (default: the driver's libnvidia-ml.so.1).
-        #[arg(long, value_name = "FILE", env = "WHALEFLUX_NVML_LIBRARY")]
+        #[arg(long, value_name = "FILE", env = whaleflux_crds::worker::NVML_LIBRARY_ENV)]
         nvml_library: Option<PathBuf>,
         /// Seconds between two GPU health samples.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
@@ -373,6 +373,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let health = MonitorConfig {
                 library: nvml_library,
+                // NVML shows every GPU of the machine; the process uses (and watches) the ones
+                // CUDA is told to show it.
+                visible: Visible::parse(std::env::var(VISIBLE_DEVICES_ENV).ok().as_deref()),
                 every: std::time::Duration::from_secs(gpu_sample_seconds),
                 termination_log,
             };

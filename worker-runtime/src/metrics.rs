@@ -39,6 +39,11 @@ pub struct Metrics {
     pub running: Gauge,
     /// KV-cache fill as a share of capacity (slots × context), 0 to 1.
     pub kv_cache_usage: Gauge<f64, AtomicU64>,
+    /// Bytes of weights this process holds: 0 until its shard has loaded, which is what the
+    /// startup probe (`/startupz`) waits for.
+    pub weight_bytes: Gauge,
+    /// Seconds this process took to check and load its shard.
+    pub load_seconds: Gauge<f64, AtomicU64>,
     /// The GPUs this process uses (`whaleflux_gpu_*`).
     pub gpu: GpuMetrics,
 }
@@ -104,6 +109,18 @@ impl Metrics {
             "KV-cache fill as a share of slots x context (0 to 1)",
             kv_cache_usage.clone(),
         );
+        let weight_bytes = Gauge::default();
+        registry.register(
+            "weight_bytes",
+            "Bytes of weights this process holds (0 while its shard loads)",
+            weight_bytes.clone(),
+        );
+        let load_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "load_seconds",
+            "Seconds this process took to check and load its shard",
+            load_seconds.clone(),
+        );
         Self {
             registry: root,
             requests,
@@ -114,6 +131,8 @@ impl Metrics {
             queue_depth,
             running,
             kv_cache_usage,
+            weight_bytes,
+            load_seconds,
             gpu,
         }
     }

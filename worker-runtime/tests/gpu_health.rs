@@ -2,7 +2,8 @@
 //! the fake NVML from `e2e/` (two H100s described by a state file the test rewrites): the GPU
 //! families carry each GPU's values, `/healthz` says what NVML found, and faults written into
 //! the file reach the metrics within a sample (a hot GPU shows its throttling, XID 13 is the
-//! program's and only counted); a fatal fault (XID 79, an uncorrected ECC error) stops the
+//! program's and only counted); a fatal fault (XID 79, an uncorrected ECC error, a failed row
+//! remapping) stops the
 //! rank with exit status 4 and the fault, naming the GPU, in its termination message. Without NVML the worker serves and says
 //! "no GPU". Needs `WHALEFLUX_TEST_MODEL` and a C compiler (`cc`).
 
@@ -144,7 +145,7 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         .lines()
         .filter(|l| l.starts_with("whaleflux_gpu_fatal_fault{"))
         .collect();
-    assert_eq!(faults.len(), 6, "three reasons per GPU:\n{m}");
+    assert_eq!(faults.len(), 8, "four reasons per GPU:\n{m}");
     assert!(faults.iter().all(|l| l.ends_with(" 0")), "{m}");
 
     // Degrading, not fatal: GPU 0 runs hot with its NVLink erroring, and reports XID 13 (the
@@ -154,6 +155,8 @@ fn a_worker_reports_its_gpus_and_their_faults() {
     node.gpus[0].nvlinks[0].replay_errors = 7;
     node.gpus[0].pcie_replays = 3;
     node.gpus[0].retired_pages_pending = true;
+    node.gpus[0].remapped_rows_correctable = 2;
+    node.gpus[0].row_remap_pending = true;
     node.xids.push((0, 13));
     node.write(&state).expect("state written");
     let xid13 = series("whaleflux_gpu_xid_errors_total", &node, 0, ("xid", "13"));
@@ -181,9 +184,26 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         "{m}"
     );
     assert_eq!(
+        value(&m, &format!("whaleflux_gpu_row_remap_pending{gpu0}")),
+        Some(1.0),
+        "{m}"
+    );
+    let remapped = series(
+        "whaleflux_gpu_remapped_rows",
+        &node,
+        0,
+        ("cause", "correctable"),
+    );
+    assert_eq!(value(&m, &remapped), Some(2.0), "{m}");
+    assert_eq!(
+        value(&m, &format!("whaleflux_gpu_row_remap_failure{gpu0}")),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
         value(&m, &format!("whaleflux_gpu_healthy{gpu0}")),
         Some(1.0),
-        "a hot GPU and an application XID are not fatal:\n{m}"
+        "a hot GPU, a remapping pending and an application XID are not fatal:\n{m}"
     );
     assert!(w.get("/readyz").is_some(), "still ready");
 
@@ -226,22 +246,35 @@ fn a_worker_reports_its_gpus_and_their_faults() {
         "termination message: {message:?}"
     );
 
-    // An uncorrected ECC error on GPU 1 of a fresh worker: the same, with its own reason.
-    let mut node = FakeNode::h100s(2);
-    node.write(&state).expect("state written");
-    let (mut w, termination_log) = start(&dir, &library, &state);
-    w.wait_for("both GPUs sampled", |w| {
-        w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
-    });
-    node.gpus[1].ecc_uncorrected_volatile = 2;
-    node.write(&state).expect("state written");
-    let status = w.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(4), "{}", w.log_text());
-    let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
-    assert!(
-        message.contains("GPU 1") && message.contains("ecc_uncorrected"),
-        "termination message: {message:?}"
-    );
+    // Faults a sample shows, each on a fresh worker: an uncorrected ECC error on GPU 1, a
+    // failed row remapping on GPU 0. The same stop, each with its own reason.
+    type Fault = (usize, &'static str, fn(&mut FakeNode));
+    let faults: [Fault; 2] = [
+        (1, "ecc_uncorrected", |n| {
+            n.gpus[1].ecc_uncorrected_volatile = 2
+        }),
+        (0, "row_remap_failure", |n| {
+            n.gpus[0].remapped_rows_uncorrectable = 1;
+            n.gpus[0].row_remap_failure = true;
+        }),
+    ];
+    for (gpu, reason, fault) in faults {
+        let mut node = FakeNode::h100s(2);
+        node.write(&state).expect("state written");
+        let (mut w, termination_log) = start(&dir, &library, &state);
+        w.wait_for("both GPUs sampled", |w| {
+            w.get("/healthz").is_some_and(|b| b == "ok: 2 GPU(s)")
+        });
+        fault(&mut node);
+        node.write(&state).expect("state written");
+        let status = w.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(4), "{reason}: {}", w.log_text());
+        let message = std::fs::read_to_string(&termination_log).unwrap_or_default();
+        assert!(
+            message.contains(&format!("GPU {gpu}")) && message.contains(reason),
+            "termination message: {message:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -112,6 +112,23 @@ fn a_rank_is_ready_only_once_its_whole_group_has_formed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Stage 1's TP rank 0 has loaded but cannot reach stage 0: started (the startup probe
+    // passes, so liveness may begin), not ready, and it says which.
+    while !g.log(3).contains("shard loaded") {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", g.log(3));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let addr = format!("127.0.0.1:{}", cfgs[3].ports.http);
+    let (code, _, body) = http(&addr, "GET", "/startupz", &[], "").expect("startupz");
+    assert!(
+        code == 200 && body.starts_with("loaded: ") && body.contains(" bytes of weights in "),
+        "{code} {body}"
+    );
+    let (code, _, body) = http(&addr, "GET", "/readyz", &[], "").expect("readyz");
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "loaded; connecting to its peers")
+    );
     g.spawn_more(&cfgs, &[], &[0, 1, 2]);
     g.wait_ready(&cfgs);
 }

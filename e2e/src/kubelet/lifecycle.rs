@@ -155,19 +155,28 @@ pub(super) async fn probe(c: &Value, probe: &Value, ip: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub(super) fn due(p: &Proc, spec: &Value) -> bool {
+/// Each probe keeps its own period.
+pub(super) fn due(p: &Proc, kind: ProbeKind, spec: &Value) -> bool {
     let period = Duration::from_secs(spec["periodSeconds"].as_u64().unwrap_or(10));
-    p.last_probe.is_none_or(|t| t.elapsed() >= period)
+    p.last_probe[kind as usize].is_none_or(|t| t.elapsed() >= period)
 }
 
-/// A probe to run: pod uid, container name, container, probe spec, pod IP, is liveness.
-pub(super) type ProbeTask = (String, String, Value, Value, String, bool);
+/// Which of a container's probes: a startup probe holds the other two back until it passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProbeKind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+/// A probe to run: pod uid, container name, container, probe spec, pod IP, which probe.
+pub(super) type ProbeTask = (String, String, Value, Value, String, ProbeKind);
 
 /// Start, probe, restart and report every pod bound to one of this kubelet's nodes.
 pub(super) async fn run_pods(st: &AppState, inner: &Mutex<Inner>, cfg: &KubeletConfig, dns: &str) {
-    for (uid, cname, c, spec, ip, liveness) in step(st, inner, cfg, dns) {
+    for (uid, cname, c, spec, ip, kind) in step(st, inner, cfg, dns) {
         let ok = probe(&c, &spec, &ip).await;
-        record_probe(inner, &uid, &cname, &spec, liveness, ok);
+        record_probe(inner, &uid, &cname, &spec, kind, ok);
     }
 }
 
@@ -176,7 +185,7 @@ pub(super) fn record_probe(
     uid: &str,
     cname: &str,
     spec: &Value,
-    liveness: bool,
+    kind: ProbeKind,
     ok: bool,
 ) {
     let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,15 +196,28 @@ pub(super) fn record_probe(
     else {
         return;
     };
-    if liveness {
-        p.live_failures = if ok { 0 } else { p.live_failures + 1 };
-        if p.live_failures >= spec["failureThreshold"].as_u64().unwrap_or(3) as u32
-            && let Some(child) = p.child.as_mut()
-        {
-            kill_group(child);
+    // A failed startup or liveness probe past its threshold kills the container, which then
+    // restarts (or not) by the pod's restart policy, as the kubelet does.
+    let threshold = spec["failureThreshold"].as_u64().unwrap_or(3) as u32;
+    let failures = match kind {
+        ProbeKind::Readiness => {
+            p.ready = ok;
+            return;
         }
-    } else {
-        p.ready = ok;
+        ProbeKind::Startup if ok => {
+            p.started_ok = true;
+            // Readiness and liveness start now, not a period later.
+            p.last_probe = [None; 3];
+            return;
+        }
+        ProbeKind::Startup => &mut p.startup_failures,
+        ProbeKind::Liveness => &mut p.live_failures,
+    };
+    *failures = if ok { 0 } else { *failures + 1 };
+    if *failures >= threshold
+        && let Some(child) = p.child.as_mut()
+    {
+        kill_group(child);
     }
 }
 
@@ -282,7 +304,9 @@ pub(super) fn step(
                 started: String::new(),
                 ready: false,
                 live_failures: 0,
-                last_probe: None,
+                started_ok: false,
+                startup_failures: 0,
+                last_probe: [None; 3],
                 restart_at: Some(Instant::now()),
                 terminated: None,
                 ended: false,
@@ -338,7 +362,9 @@ pub(super) fn step(
                         p.waiting = None;
                         p.ended = false;
                         p.live_failures = 0;
-                        p.last_probe = None;
+                        p.started_ok = c["startupProbe"].is_null();
+                        p.startup_failures = 0;
+                        p.last_probe = [None; 3];
                         p.ready = c["readinessProbe"].is_null();
                     }
                     Err(w) => {
@@ -348,28 +374,27 @@ pub(super) fn step(
                 }
             }
             if p.child.is_some() {
-                if c["readinessProbe"].is_object() && due(p, &c["readinessProbe"]) {
-                    probes.push((
-                        uid.clone(),
-                        cname.clone(),
-                        c.clone(),
-                        c["readinessProbe"].clone(),
-                        ip.clone(),
-                        false,
-                    ));
-                }
-                if c["livenessProbe"].is_object() && due(p, &c["livenessProbe"]) {
-                    probes.push((
-                        uid.clone(),
-                        cname.clone(),
-                        c.clone(),
-                        c["livenessProbe"].clone(),
-                        ip.clone(),
-                        true,
-                    ));
-                }
-                if probes.iter().any(|(u, n, ..)| *u == uid && *n == cname) {
-                    p.last_probe = Some(Instant::now());
+                // Until its startup probe passes, a container gets no other probe.
+                let kinds: &[(ProbeKind, &str)] = if p.started_ok {
+                    &[
+                        (ProbeKind::Readiness, "readinessProbe"),
+                        (ProbeKind::Liveness, "livenessProbe"),
+                    ]
+                } else {
+                    &[(ProbeKind::Startup, "startupProbe")]
+                };
+                for &(kind, key) in kinds {
+                    if c[key].is_object() && due(p, kind, &c[key]) {
+                        p.last_probe[kind as usize] = Some(Instant::now());
+                        probes.push((
+                            uid.clone(),
+                            cname.clone(),
+                            c.clone(),
+                            c[key].clone(),
+                            ip.clone(),
+                            kind,
+                        ));
+                    }
                 }
             }
         }
@@ -391,9 +416,10 @@ pub(super) fn step(
                 _ => json!({}),
             };
             // A stopping container is not ready: the endpoints (here, DNS) drop its pod at once.
-            let ready = p.ready && p.child.is_some() && !deleting;
+            // Nor is one whose startup probe has not passed yet.
+            let ready = p.ready && p.started_ok && p.child.is_some() && !deleting;
             Some(json!({"name": cname, "image": c["image"], "imageID": "", "containerID": p.child.as_ref().and_then(Child::id).map(|id| format!("process://{id}")),
-                "ready": ready, "started": p.child.is_some(), "restartCount": p.restarts, "state": state, "lastState": last}))
+                "ready": ready, "started": p.child.is_some() && p.started_ok, "restartCount": p.restarts, "state": state, "lastState": last}))
         }).collect();
         let all_running =
             !statuses.is_empty() && statuses.iter().all(|s| s["state"]["running"].is_object());

@@ -1,7 +1,8 @@
 //! The process kubelet (plus the controllers it needs to be useful): registers fake GPU
 //! Nodes, creates the Pods of StatefulSets and Deployments, binds pending Pods to Nodes that
 //! fit, and runs each container's command as a local process with the Pod's env, on its own
-//! loopback address. It probes readiness and liveness over HTTP, restarts per
+//! loopback address. It probes over HTTP or TCP (a startup probe first, then readiness and
+//! liveness, each on its own period), restarts per
 //! `restartPolicy`, and writes Pod phase, container statuses and conditions (readiness gates
 //! included). A deleted pod stops as on a real node: Terminating and not ready, each container's
 //! `sleep` preStop pause, SIGTERM to its main process, SIGKILL to its process group when the
@@ -146,7 +147,11 @@ struct Proc {
     started: String,
     ready: bool,
     live_failures: u32,
-    last_probe: Option<Instant>,
+    /// The startup probe passed (or there is none): readiness and liveness probes run.
+    started_ok: bool,
+    startup_failures: u32,
+    /// When each probe ([`lifecycle::ProbeKind`] as index) last ran.
+    last_probe: [Option<Instant>; 3],
     restart_at: Option<Instant>,
     /// How the process last ended: `{exitCode, reason, message, startedAt, finishedAt}` (the
     /// state while it stays ended, `lastState` once it runs again).

@@ -9,6 +9,7 @@
 //! cores). The slots' memory adds up to what is free, so a plan that fits the slots fits the
 //! machine.
 
+use whaleflux_crds::worker::NVML_LIBRARY_ENV;
 use whaleflux_crds::{InterNodeNetwork, IntraNodeLink, PoolNode};
 
 use crate::planner::catalog::{self, CPU_SLOT, GpuSpec};
@@ -39,8 +40,21 @@ pub struct LocalDevices {
     pub devices: Vec<GpuSpec>,
     /// True when planning on CPU slots.
     pub cpu: bool,
+    /// The GPUs planned on, in NVML order (none on CPU slots); a plan's ranks take them in
+    /// order, stage by stage.
+    pub gpus: Vec<LocalGpu>,
     /// One sentence for the log saying what was found and what is planned on.
     pub summary: String,
+}
+
+/// One GPU of this machine, as NVML names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGpu {
+    /// NVML's index.
+    pub index: u32,
+    /// NVML's UUID (`GPU-…`): what workers are given (`CUDA_VISIBLE_DEVICES`) and what a
+    /// fault report names.
+    pub uuid: String,
 }
 
 /// Why planning could not start on this machine's devices.
@@ -54,25 +68,39 @@ pub enum DeviceError {
     Plan(#[from] PlanError),
 }
 
-/// GPUs NVML reports: the `nvidia.com/gpu.product`-style label of the first GPU and how many
-/// GPUs of that model there are (a plan uses one model).
-fn nvml_gpus() -> Result<(String, u32), String> {
-    let nvml = nvml_wrapper::Nvml::init().map_err(|e| format!("NVML: {e}"))?;
+/// GPUs NVML reports (the library `WHALEFLUX_NVML_LIBRARY` names, else the driver's): the
+/// `nvidia.com/gpu.product`-style label of the first GPU and the GPUs of that model (a plan
+/// uses one model).
+fn nvml_gpus() -> Result<(String, Vec<LocalGpu>), String> {
+    let nvml = match std::env::var_os(NVML_LIBRARY_ENV).filter(|p| !p.is_empty()) {
+        Some(lib) => nvml_wrapper::Nvml::builder().lib_path(&lib).init(),
+        None => nvml_wrapper::Nvml::init(),
+    }
+    .map_err(|e| format!("NVML: {e}"))?;
     let count = nvml
         .device_count()
         .map_err(|e| format!("NVML device count: {e}"))?;
-    let mut names = Vec::new();
-    for i in 0..count {
-        let name = nvml
-            .device_by_index(i)
-            .and_then(|d| d.name())
-            .map_err(|e| format!("NVML device {i}: {e}"))?;
-        names.push(name);
+    let mut found = Vec::new();
+    for index in 0..count {
+        let device = nvml
+            .device_by_index(index)
+            .map_err(|e| format!("NVML device {index}: {e}"))?;
+        let name = device
+            .name()
+            .map_err(|e| format!("NVML device {index}: {e}"))?;
+        let uuid = device
+            .uuid()
+            .map_err(|e| format!("NVML device {index}: {e}"))?;
+        found.push((name, LocalGpu { index, uuid }));
     }
-    let Some(first) = names.first().cloned() else {
+    let Some(first) = found.first().map(|(n, _)| n.clone()) else {
         return Err("NVML: no GPU found".into());
     };
-    let same = names.iter().filter(|n| **n == first).count() as u32;
+    let same = found
+        .into_iter()
+        .filter(|(n, _)| *n == first)
+        .map(|(_, g)| g)
+        .collect();
     Ok((gpu_label(&first), same))
 }
 
@@ -131,13 +159,15 @@ pub fn cpu_pool(slots: u32, cores: u32, free_ram: u64, why: &str) -> LocalDevice
         },
         devices: vec![spec],
         cpu: true,
+        gpus: Vec::new(),
         summary,
     }
 }
 
-/// A pool of `count` GPUs of catalog model `label` on this machine.
-pub fn gpu_pool(label: &str, count: u32) -> Result<LocalDevices, PlanError> {
+/// A pool of `gpus`, of catalog model `label`, on this machine.
+pub fn gpu_pool(label: &str, gpus: Vec<LocalGpu>) -> Result<LocalDevices, PlanError> {
     let gpu = catalog::lookup(label)?;
+    let count = gpus.len();
     let mut pool = Pool::from_gpus_spec(
         &format!("1x{count}x{}", gpu.short_name),
         InterNodeNetwork::Ethernet,
@@ -149,11 +179,42 @@ pub fn gpu_pool(label: &str, count: u32) -> Result<LocalDevices, PlanError> {
         pool,
         devices: Vec::new(),
         cpu: false,
+        gpus,
         summary: format!(
             "NVML found {count} {} GPU(s) ({label}); planning on them",
             gpu.short_name
         ),
     })
+}
+
+impl LocalDevices {
+    /// The same GPUs without the one with `uuid` (it failed), as a pool to plan on again. With
+    /// none left the pool is empty of GPUs and `gpus` says so.
+    pub fn without_gpu(&self, uuid: &str) -> Result<LocalDevices, PlanError> {
+        let gpus: Vec<LocalGpu> = self
+            .gpus
+            .iter()
+            .filter(|g| g.uuid != uuid)
+            .cloned()
+            .collect();
+        let model = self.pool.nodes.first().map_or("", |n| n.gpu_model.as_str());
+        if gpus.is_empty() {
+            let mut none = self.clone();
+            none.gpus.clear();
+            for n in &mut none.pool.nodes {
+                n.gpu_count = 0;
+                n.allocatable = 0;
+            }
+            none.summary = format!("no GPU remains ({uuid} failed)");
+            return Ok(none);
+        }
+        let mut less = gpu_pool(model, gpus)?;
+        less.summary = format!(
+            "{} {model} GPU(s) remain ({uuid} failed); planning on them",
+            less.gpus.len()
+        );
+        Ok(less)
+    }
 }
 
 /// This machine's devices for `choice`. `wanted` is the number of processes a fixed
@@ -181,17 +242,20 @@ pub fn detect(choice: DeviceChoice, wanted: u32) -> Result<LocalDevices, DeviceE
     match choice {
         DeviceChoice::Cpu => Ok(cpu("--devices cpu".into())),
         DeviceChoice::Gpu => {
-            let (label, count) = nvml_gpus().map_err(DeviceError::NoGpu)?;
-            Ok(gpu_pool(&label, count)?)
+            let (label, gpus) = nvml_gpus().map_err(DeviceError::NoGpu)?;
+            Ok(gpu_pool(&label, gpus)?)
         }
         DeviceChoice::Auto => match nvml_gpus() {
             Err(why) => Ok(cpu(format!("no GPU found ({why})"))),
-            Ok((label, count)) => match gpu_pool(&label, count) {
-                Ok(d) => Ok(d),
-                Err(_) => Ok(cpu(format!(
-                    "NVML found {count} {label} GPU(s), a model the planner's catalog does not know"
-                ))),
-            },
+            Ok((label, gpus)) => {
+                let count = gpus.len();
+                match gpu_pool(&label, gpus) {
+                    Ok(d) => Ok(d),
+                    Err(_) => Ok(cpu(format!(
+                        "NVML found {count} {label} GPU(s), a model the planner's catalog does not know"
+                    ))),
+                }
+            }
         },
     }
 }
@@ -272,11 +336,28 @@ mod tests {
 
     #[test]
     fn gpu_pool_is_one_local_node_of_catalog_gpus() {
-        let d = gpu_pool("NVIDIA-H100-80GB-HBM3", 1).expect("pool");
+        let gpu = |index: u32| LocalGpu {
+            index,
+            uuid: format!("GPU-{index}"),
+        };
+        let d = gpu_pool("NVIDIA-H100-80GB-HBM3", vec![gpu(1)]).expect("pool");
         assert!(!d.cpu && d.devices.is_empty());
         assert_eq!(d.pool.nodes.len(), 1);
         assert_eq!(d.pool.nodes[0].name, LOCAL_NODE);
         assert_eq!(d.pool.nodes[0].gpu_count, 1);
-        assert!(gpu_pool("NVIDIA-B999", 1).is_err());
+        assert_eq!(d.gpus, vec![gpu(1)]);
+        assert!(gpu_pool("NVIDIA-B999", vec![gpu(0)]).is_err());
+
+        // A failed GPU leaves the pool; the others keep their order.
+        let d = gpu_pool("NVIDIA-H100-80GB-HBM3", vec![gpu(0), gpu(1), gpu(2)]).expect("pool");
+        let less = d.without_gpu("GPU-1").expect("pool");
+        assert_eq!(less.gpus, vec![gpu(0), gpu(2)]);
+        assert_eq!(less.pool.nodes[0].gpu_count, 2);
+        let none = less
+            .without_gpu("GPU-0")
+            .and_then(|d| d.without_gpu("GPU-2"))
+            .expect("pool");
+        assert!(none.gpus.is_empty());
+        assert_eq!(none.pool.nodes[0].gpu_count, 0);
     }
 }

@@ -1,6 +1,7 @@
 //! Supervising one replica group of local `whaleflux-worker` processes: start them, wait until
 //! every process is ready (progress bars on a terminal, log lines otherwise), restart the whole
-//! group when a process dies (within the restart budget), and stop them cleanly on a signal.
+//! group when a process dies (within the restart budget), hand a fatal GPU fault back to be
+//! re-planned without that GPU, and stop them cleanly on a signal.
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
@@ -14,7 +15,10 @@ use std::sync::mpsc::{Sender, channel};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use whaleflux_crds::worker::{GROUP_SECRET_ENV, POD_NAME_ENV};
+use whaleflux_crds::worker::{
+    EXIT_GPU_FAULT, EXIT_GROUP_FAILED, GROUP_SECRET_ENV, POD_NAME_ENV, VISIBLE_DEVICES_ENV,
+    faulty_gpu_uuid,
+};
 
 use super::RunError;
 use super::http;
@@ -41,6 +45,10 @@ pub(crate) struct Rank {
     pub config: PathBuf,
     /// File its standard output and error go to (appended across restarts).
     pub log: PathBuf,
+    /// Where it reports a fatal GPU fault before exiting (created empty at each start).
+    pub termination_log: PathBuf,
+    /// UUIDs of its GPUs, given to it as `CUDA_VISIBLE_DEVICES` (none on CPU slots).
+    pub gpus: Vec<String>,
 }
 
 /// Everything needed to run the group.
@@ -54,12 +62,56 @@ pub(crate) struct GroupSpec {
     pub secret: String,
     /// The processes, stage-major.
     pub ranks: Vec<Rank>,
-    /// Group restarts allowed per hour.
-    pub restart_budget: u32,
     /// Longest the group may take to become ready.
     pub ready_timeout: Duration,
     /// How long processes get to exit after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
+}
+
+/// Group restarts allowed per hour (`spec.failover.restartBudget`), counted across re-plans.
+#[derive(Debug, Clone)]
+pub(crate) struct RestartBudget {
+    per_hour: u32,
+    recent: VecDeque<Instant>,
+}
+
+impl RestartBudget {
+    pub(crate) fn new(per_hour: u32) -> Self {
+        Self {
+            per_hour,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Counts one restart at `now`, or says the hour's budget is spent (counting nothing).
+    /// Returns the restarts counted this hour.
+    fn take(&mut self, now: Instant) -> Option<usize> {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > BUDGET_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() as u64 >= u64::from(self.per_hour) {
+            return None;
+        }
+        self.recent.push_back(now);
+        Some(self.recent.len())
+    }
+}
+
+/// How a supervised group ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A stop signal: every process stopped.
+    Stopped,
+    /// A rank stopped on a fatal fault of one of the group's GPUs (counted as a restart):
+    /// every process stopped, and the group is to be planned again without that GPU.
+    GpuFailed {
+        /// The GPU's UUID.
+        uuid: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,17 +216,25 @@ fn spawn(spec: &GroupSpec, rank: &Rank) -> Result<Child, RunError> {
     let err_log = log
         .try_clone()
         .map_err(io(format!("opening {}", rank.log.display())))?;
+    // The worker writes a fatal GPU fault only into a file that exists, as the kubelet's.
+    std::fs::write(&rank.termination_log, "")
+        .map_err(io(format!("creating {}", rank.termination_log.display())))?;
     let mut cmd = Command::new(&spec.worker);
     cmd.arg("serve")
         .arg("--config")
         .arg(&rank.config)
         .arg("--host")
         .arg(&spec.host)
+        .arg("--termination-log")
+        .arg(&rank.termination_log)
         .env(GROUP_SECRET_ENV, &spec.secret)
         .env_remove(POD_NAME_ENV)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err_log);
+    if !rank.gpus.is_empty() {
+        cmd.env(VISIBLE_DEVICES_ENV, rank.gpus.join(","));
+    }
     {
         use std::os::unix::process::CommandExt;
         // Its own process group: a Ctrl-C on the terminal reaches only `whaleflux run`, which
@@ -295,10 +355,25 @@ fn stop_all(spec: &GroupSpec, procs: &mut [Proc]) {
 /// A process that has exited: index, pid, status.
 type Exit = (usize, u32, ExitStatus);
 
+/// Rank `i` exited with [`EXIT_GPU_FAULT`] and its report names one of the group's GPUs:
+/// (rank, the GPU's UUID, the report).
+fn gpu_fault(spec: &GroupSpec, i: usize, status: ExitStatus) -> Option<(usize, String, String)> {
+    if status.code() != Some(EXIT_GPU_FAULT) {
+        return None;
+    }
+    let report = std::fs::read_to_string(&spec.ranks.get(i)?.termination_log).ok()?;
+    let uuid = faulty_gpu_uuid(&report)?;
+    spec.ranks
+        .iter()
+        .any(|r| r.gpus.iter().any(|g| g == uuid))
+        .then(|| (i, uuid.to_string(), report.trim().to_string()))
+}
+
 /// Reaps the processes that have exited, `first` (the first news) and those whose news
 /// followed, then any other that has exited by now. Returns the one to blame first — the first
 /// that died of a signal (killed or crashed; its peers notice its sockets close, often before
-/// it is fully gone, and exit on their own), else the first reported — and the rest.
+/// it is fully gone, and exit on their own), else the first that did not exit because its
+/// group failed, else the first reported — and the rest.
 fn reap(procs: &mut [Proc], first: usize, news: &[usize]) -> (Exit, Vec<Exit>) {
     let mut order = vec![first];
     order.extend(news.iter().copied().filter(|j| *j != first));
@@ -316,6 +391,11 @@ fn reap(procs: &mut [Proc], first: usize, news: &[usize]) -> (Exit, Vec<Exit>) {
     let blame = exited
         .iter()
         .position(|(_, _, st)| st.signal().is_some())
+        .or_else(|| {
+            exited
+                .iter()
+                .position(|(_, _, st)| st.code() != Some(EXIT_GROUP_FAILED))
+        })
         .unwrap_or(0);
     if exited.is_empty() {
         // The news came but the status is gone (reaped elsewhere): report what is known.
@@ -370,8 +450,9 @@ fn probe(spec: &GroupSpec, procs: &mut [Proc], ui: &Ui) -> bool {
 pub(crate) fn supervise(
     spec: &GroupSpec,
     shutdown: &AtomicBool,
+    budget: &mut RestartBudget,
     mut on_ready: impl FnMut(bool),
-) -> Result<(), RunError> {
+) -> Result<Outcome, RunError> {
     let (tx, exits) = channel::<ExitNews>();
     let mut generation = 0u64;
     let mut ui = Ui::new(&spec.ranks);
@@ -379,14 +460,13 @@ pub(crate) fn supervise(
     let mut started = Instant::now();
     let mut ready = false;
     let mut ever_ready = false;
-    let mut restarts: VecDeque<Instant> = VecDeque::new();
     loop {
         if shutdown.load(Ordering::SeqCst) {
             ui.clear();
             tracing::info!("shutting down: stopping {} worker process(es)", procs.len());
             stop_all(spec, &mut procs);
             tracing::info!("all worker processes stopped");
-            return Ok(());
+            return Ok(Outcome::Stopped);
         }
         let exited = match exits.recv_timeout(TICK) {
             Ok((g, i)) if g == generation => Some(i),
@@ -404,6 +484,10 @@ pub(crate) fn supervise(
                 }
             }
             let ((i, pid, status), others) = reap(&mut procs, i, &news);
+            // A fatal fault of one of the group's GPUs, reported by the rank that saw it.
+            let gpu_fault = std::iter::once(&(i, pid, status))
+                .chain(&others)
+                .find_map(|(j, _, st)| gpu_fault(spec, *j, *st));
             let rank = &spec.ranks[i];
             let status = if others.is_empty() {
                 status.to_string()
@@ -415,7 +499,9 @@ pub(crate) fn supervise(
                 format!("{status} (then: {})", others.join(", "))
             };
             let tail = log_tail(&rank.log);
-            if !ever_ready {
+            // A GPU fault is no fault of the configuration: it is re-planned even while the
+            // group starts.
+            if !ever_ready && gpu_fault.is_none() {
                 stop_all(spec, &mut procs);
                 return Err(RunError::Group(format!(
                     "{} (pid {pid}) exited with {status} while the group was starting; the end of its log {}:\n{tail}",
@@ -423,30 +509,29 @@ pub(crate) fn supervise(
                     rank.log.display()
                 )));
             }
-            let now = Instant::now();
-            while restarts
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > BUDGET_WINDOW)
-            {
-                restarts.pop_front();
-            }
-            if restarts.len() as u64 >= u64::from(spec.restart_budget) {
+            let Some(count) = budget.take(Instant::now()) else {
                 stop_all(spec, &mut procs);
                 return Err(RunError::Group(format!(
                     "{} (pid {pid}) exited with {status}, and the restart budget of {} group restart(s) per hour (spec.failover.restartBudget) is spent; giving up. The end of its log {}:\n{tail}",
                     rank.label,
-                    spec.restart_budget,
+                    budget.per_hour,
                     rank.log.display()
                 )));
-            }
-            restarts.push_back(now);
-            tracing::warn!(
-                "{} (pid {pid}) exited with {status}; restarting the group (restart {} of {} this hour); the end of its log:\n{tail}",
-                rank.label,
-                restarts.len(),
-                spec.restart_budget
-            );
+            };
             stop_all(spec, &mut procs);
+            if let Some((j, uuid, report)) = gpu_fault {
+                tracing::warn!(
+                    "{} stopped on a fatal fault of its GPU {uuid} ({report}); planning the group again without that GPU (restart {count} of {} this hour)",
+                    spec.ranks[j].label,
+                    budget.per_hour
+                );
+                return Ok(Outcome::GpuFailed { uuid });
+            }
+            tracing::warn!(
+                "{} (pid {pid}) exited with {status}; restarting the group (restart {count} of {} this hour); the end of its log:\n{tail}",
+                rank.label,
+                budget.per_hour
+            );
             generation += 1;
             ui = Ui::new(&spec.ranks);
             procs = start_all(spec, generation, &tx)?;

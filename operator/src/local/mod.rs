@@ -23,7 +23,7 @@ use whaleflux_crds::{LlmDeployment, Plan};
 use crate::plan_cmd::{self, ManifestError};
 use crate::planner::{self, PlanError, PlanRequest};
 use crate::resources::worker_config::{self, Addressing};
-pub use devices::{DeviceChoice, DeviceError};
+pub use devices::{DeviceChoice, DeviceError, LocalGpu};
 
 /// Environment variable with the model file when `--model` is not given; it overrides the
 /// manifest's `spec.model.weights.source.path`.
@@ -161,12 +161,12 @@ pub fn read_deployment(
     Ok(deployment)
 }
 
-/// Plans `deployment` (one replica group) on this machine's devices.
-pub fn plan_locally(
+/// The plan request for `deployment` (one replica group) and this machine's devices.
+fn local_request(
     deployment: &LlmDeployment,
     file: &Path,
     choice: DeviceChoice,
-) -> Result<Plan, RunError> {
+) -> Result<(PlanRequest, devices::LocalDevices), RunError> {
     let mut request =
         PlanRequest::from_spec(&deployment.spec).map_err(|source| RunError::Request {
             path: file.display().to_string(),
@@ -185,8 +185,7 @@ pub fn plan_locally(
         .saturating_mul(request.pipeline_parallel.unwrap_or(1));
     let local = devices::detect(choice, wanted)?;
     tracing::info!("{}", local.summary);
-    planner::plan_with_devices(&request, &local.pool, &local.devices, Timestamp::now())
-        .map_err(RunError::Plan)
+    Ok((request, local))
 }
 
 /// The model file: `--model`, else `WHALEFLUX_MODEL`, else the manifest's
@@ -364,22 +363,45 @@ fn log_plan(plan: &Plan, processes: usize, threads: u32) {
     );
 }
 
-/// `whaleflux run`: plans, starts the worker group, serves until SIGINT/SIGTERM (then stops
-/// the workers and returns `Ok`), restarting the group when a process dies.
-pub fn run(opts: &RunOptions) -> Result<(), RunError> {
-    let deployment = read_deployment(&opts.file, opts.tensor_parallel, opts.pipeline_parallel)?;
-    let plan = plan_locally(&deployment, &opts.file, opts.devices)?;
-    let env_model = std::env::var(MODEL_ENV).ok();
-    let model = model_path(
-        opts.model.as_deref(),
-        env_model.as_deref(),
-        &deployment,
-        &opts.file,
-    )?;
-    let worker = worker_binary()?;
+/// The GPUs of the process for `stage` (and `tp_rank` when TP ranks are processes): the
+/// stage's TP ranks take the plan's GPUs in order, stage by stage.
+fn rank_gpus(gpus: &[LocalGpu], tp: usize, stage: i32, tp_rank: Option<i32>) -> Vec<String> {
+    let stage = usize::try_from(stage).unwrap_or(0);
+    let first = stage * tp;
+    let range = match tp_rank.and_then(|t| usize::try_from(t).ok()) {
+        Some(t) => first + t..first + t + 1,
+        None => first..first + tp,
+    };
+    gpus.get(range)
+        .unwrap_or_default()
+        .iter()
+        .map(|g| g.uuid.clone())
+        .collect()
+}
 
+/// One start of the group: its plan's processes, configurations and ports.
+struct Launch {
+    spec: group::GroupSpec,
+    dir: PathBuf,
+    api_port: u16,
+    probe_ip: IpAddr,
+    served: String,
+}
+
+/// Renders the configurations of `plan`'s processes into a fresh run folder and picks their
+/// ports: the API on the requested one, every other process on free ones, and a run of
+/// consecutive peer ports.
+fn launch(
+    opts: &RunOptions,
+    deployment: &LlmDeployment,
+    plan: &Plan,
+    local: &devices::LocalDevices,
+    model: &Path,
+    worker: &Path,
+    budget_note: u32,
+) -> Result<Launch, RunError> {
     let tp_processes = opts.tp_mode == TpMode::Processes;
-    let ranks: Vec<(i32, Option<i32>)> = worker_config::local_ranks(&plan, tp_processes).collect();
+    let ranks: Vec<(i32, Option<i32>)> = worker_config::local_ranks(plan, tp_processes).collect();
     let n = ranks.len();
     let cores = std::thread::available_parallelism()
         .map(|c| c.get() as u32)
@@ -387,10 +409,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let threads = opts
         .threads
         .unwrap_or_else(|| (cores / n.max(1) as u32).max(1));
-    log_plan(&plan, n, threads);
+    log_plan(plan, n, threads);
 
-    // Ports: the API on the requested one, every other process on free ones, and a run of
-    // consecutive peer ports.
     let host = opts.host;
     let probe_ip = if host.is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -427,8 +447,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
 
     let dir = run_dir()?;
     let group_cfg = worker_config::render(
-        &deployment,
-        &plan,
+        deployment,
+        plan,
         0,
         &model.display().to_string(),
         &Addressing::Local {
@@ -437,6 +457,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             tp_processes,
         },
     );
+    let tp = usize::try_from(plan.tensor_parallel).unwrap_or(1).max(1);
     let mut group_ranks = Vec::with_capacity(n);
     for (&(stage, tp_rank), &http_port) in ranks.iter().zip(&http_ports) {
         let mut cfg =
@@ -458,53 +479,129 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             what: format!("writing {}", config.display()),
             source,
         })?;
+        let gpus = rank_gpus(&local.gpus, tp, stage, tp_rank);
+        if !gpus.is_empty() {
+            tracing::info!("  {label} on {}", gpus.join(", "));
+        }
         group_ranks.push(group::Rank {
             label,
             probe: SocketAddr::new(probe_ip, http_port),
             config,
             log: dir.join(format!("{file}.log")),
+            termination_log: dir.join(format!("{file}.termination-log")),
+            gpus,
         });
     }
     tracing::info!(
-        "worker configurations and logs in {}; model {}",
+        "worker configurations and logs in {}; model {}; {budget_note} group restart(s) allowed per hour",
         dir.display(),
         model.display()
     );
+    Ok(Launch {
+        spec: group::GroupSpec {
+            worker: worker.to_path_buf(),
+            host: host.to_string(),
+            secret: group_secret()?,
+            ranks: group_ranks,
+            ready_timeout: opts.ready_timeout,
+            stop_grace: Duration::from_secs(10),
+        },
+        dir,
+        api_port,
+        probe_ip,
+        served: group_cfg.model.served_name,
+    })
+}
 
-    let spec = group::GroupSpec {
-        worker,
-        host: host.to_string(),
-        secret: group_secret()?,
-        ranks: group_ranks,
-        restart_budget: u32::try_from(deployment.spec.failover.restart_budget).unwrap_or(0),
-        ready_timeout: opts.ready_timeout,
-        stop_grace: Duration::from_secs(10),
+/// `whaleflux run`: plans, starts the worker group, serves until SIGINT/SIGTERM (then stops
+/// the workers and returns `Ok`), restarting the group when a process dies, and planning it
+/// again on the GPUs that remain when one of its GPUs fails; all within the restart budget.
+pub fn run(opts: &RunOptions) -> Result<(), RunError> {
+    let deployment = read_deployment(&opts.file, opts.tensor_parallel, opts.pipeline_parallel)?;
+    let (request, mut local) = local_request(&deployment, &opts.file, opts.devices)?;
+    let mut lost: Vec<String> = Vec::new();
+    let plan_on = |local: &devices::LocalDevices, lost: &[String]| {
+        planner::plan_with_devices(&request, &local.pool, &local.devices, Timestamp::now()).map_err(
+            |e| {
+                if lost.is_empty() {
+                    RunError::Plan(e)
+                } else {
+                    RunError::Group(format!(
+                        "GPU(s) {} failed, and no plan fits the {} GPU(s) that remain: {e}",
+                        lost.join(", "),
+                        local.gpus.len()
+                    ))
+                }
+            },
+        )
     };
+    let mut plan = plan_on(&local, &lost)?;
+    let env_model = std::env::var(MODEL_ENV).ok();
+    let model = model_path(
+        opts.model.as_deref(),
+        env_model.as_deref(),
+        &deployment,
+        &opts.file,
+    )?;
+    let worker = worker_binary()?;
+    let per_hour = u32::try_from(deployment.spec.failover.restart_budget).unwrap_or(0);
+    let mut budget = group::RestartBudget::new(per_hour);
     let shutdown = shutdown_flag()?;
-    let served = group_cfg.model.served_name.clone();
-    let base = format!("http://{}/v1", SocketAddr::new(probe_ip, api_port));
-    let result = group::supervise(&spec, &shutdown, |first| {
-        if first {
+    let mut served_before = false;
+    loop {
+        let launch = launch(opts, &deployment, &plan, &local, &model, &worker, per_hour)?;
+        let base = format!(
+            "http://{}/v1",
+            SocketAddr::new(launch.probe_ip, launch.api_port)
+        );
+        let n = launch.spec.ranks.len();
+        let result = group::supervise(&launch.spec, &shutdown, &mut budget, |_| {
+            if served_before {
+                tracing::info!(
+                    "serving again at {base} (tensor parallel {} x pipeline parallel {})",
+                    plan.tensor_parallel,
+                    plan.pipeline_parallel
+                );
+                return;
+            }
+            served_before = true;
             let body = serde_json::json!({
-                "model": served,
+                "model": launch.served,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}],
                 "max_tokens": 32,
             });
             println!(
-                "Serving {served} at {base} (tensor parallel {} x pipeline parallel {}, {n} worker process(es)). Ctrl-C stops it. Try:\n  curl {base}/chat/completions -H 'content-type: application/json' -d '{body}'",
-                plan.tensor_parallel, plan.pipeline_parallel
+                "Serving {} at {base} (tensor parallel {} x pipeline parallel {}, {n} worker process(es)). Ctrl-C stops it. Try:\n  curl {base}/chat/completions -H 'content-type: application/json' -d '{body}'",
+                launch.served, plan.tensor_parallel, plan.pipeline_parallel
             );
-        } else {
-            tracing::info!("serving again at {base}");
+        });
+        match result {
+            Ok(group::Outcome::Stopped) => {
+                let _ = std::fs::remove_dir_all(&launch.dir);
+                return Ok(());
+            }
+            Ok(group::Outcome::GpuFailed { uuid }) => {
+                tracing::info!(
+                    "worker logs of the group before the fault kept in {}",
+                    launch.dir.display()
+                );
+                local = local.without_gpu(&uuid).map_err(RunError::Plan)?;
+                lost.push(uuid);
+                if local.gpus.is_empty() {
+                    return Err(RunError::Group(format!(
+                        "GPU(s) {} failed and no GPU remains to plan on",
+                        lost.join(", ")
+                    )));
+                }
+                tracing::info!("{}", local.summary);
+                plan = plan_on(&local, &lost)?;
+            }
+            Err(e) => {
+                tracing::info!("worker logs kept in {}", launch.dir.display());
+                return Err(e);
+            }
         }
-    });
-    match &result {
-        Ok(()) => {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        Err(_) => tracing::info!("worker logs kept in {}", dir.display()),
     }
-    result
 }
 
 #[cfg(test)]
@@ -559,6 +656,27 @@ mod tests {
         let err = read_deployment(&dir.join("missing.yaml"), None, None).expect_err("missing");
         assert!(matches!(err, RunError::Read { .. }));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ranks_take_the_gpus_in_order_stage_by_stage() {
+        let gpus: Vec<LocalGpu> = (0..6)
+            .map(|index| LocalGpu {
+                index,
+                uuid: format!("GPU-{index}"),
+            })
+            .collect();
+        let uuids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // TP 3 as threads: one process per stage holds its stage's three GPUs.
+        assert_eq!(
+            rank_gpus(&gpus, 3, 1, None),
+            uuids(&["GPU-3", "GPU-4", "GPU-5"])
+        );
+        // TP 3 as processes: one GPU each.
+        assert_eq!(rank_gpus(&gpus, 3, 1, Some(2)), uuids(&["GPU-5"]));
+        assert_eq!(rank_gpus(&gpus, 3, 0, Some(0)), uuids(&["GPU-0"]));
+        // CPU slots: none.
+        assert!(rank_gpus(&[], 3, 1, None).is_empty());
     }
 
     #[test]

@@ -28,6 +28,16 @@ use super::pod::{self, model_volume};
 use super::settings::ClusterSettings;
 use super::worker_config::{self, Addressing, PEER_PORT};
 
+/// Seconds between startup probes: short, since Ready waits for the first one that passes.
+const STARTUP_PROBE_PERIOD: i32 = 2;
+
+/// Failed startup probes the kubelet allows: the group's formation deadline, in periods.
+fn startup_failures(plan: &Plan) -> i32 {
+    let ms = u64::try_from(whaleflux_crds::worker::formation_timeout_ms(plan)).unwrap_or(0);
+    let periods = ms.div_ceil(1000 * STARTUP_PROBE_PERIOD.unsigned_abs() as u64);
+    i32::try_from(periods.max(1)).unwrap_or(i32::MAX)
+}
+
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "whaleflux-operator";
 /// `app.kubernetes.io/managed-by` value on every child.
@@ -464,6 +474,14 @@ fn build_group(
         // failure leaves the end of its log there.
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // Loading a stage takes minutes for a large model: the startup probe allows it the
+        // time its group has to form (two minutes plus its weights at 100 MB/s), and holds the
+        // liveness probe back until the weights are in; a load that hangs is restarted.
+        startup_probe: Some(http_probe(
+            "/startupz",
+            STARTUP_PROBE_PERIOD,
+            startup_failures(plan),
+        )),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         // Generous: a stage that loses a peer reports not ready, not dead; only a hung process
         // is restarted.

@@ -33,6 +33,9 @@ pub struct GpuMetrics {
     nvlink_errors: Family<Labels, Counter>,
     pcie_replays: Family<Labels, Counter>,
     retired_pages_pending: Family<Labels, Gauge>,
+    remapped_rows: Family<Labels, Gauge>,
+    row_remap_pending: Family<Labels, Gauge>,
+    row_remap_failure: Family<Labels, Gauge>,
     throttled: Family<Labels, Gauge>,
     healthy: Family<Labels, Gauge>,
     fatal: Family<Labels, Gauge>,
@@ -107,6 +110,21 @@ impl GpuMetrics {
             self.retired_pages_pending.clone(),
         );
         registry.register(
+            "remapped_rows",
+            "Memory rows remapped over the GPU's life, by the error that caused it (DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS, DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS)",
+            self.remapped_rows.clone(),
+        );
+        registry.register(
+            "row_remap_pending",
+            "1 while a row remapping waits for the next GPU reset (DCGM_FI_DEV_ROW_REMAP_PENDING)",
+            self.row_remap_pending.clone(),
+        );
+        registry.register(
+            "row_remap_failure",
+            "1 once a row remapping failed: no spare row left (DCGM_FI_DEV_ROW_REMAP_FAILURE)",
+            self.row_remap_failure.clone(),
+        );
+        registry.register(
             "throttled",
             "1 while a hardware or power reason slows the clocks (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS)",
             self.throttled.clone(),
@@ -177,6 +195,18 @@ impl GpuMetrics {
             &self.retired_pages_pending,
             s.retired_pages_pending.map(u64::from),
         );
+        if let Some(r) = s.row_remap {
+            for (cause, rows) in [
+                ("correctable", r.correctable),
+                ("uncorrectable", r.uncorrectable),
+            ] {
+                self.remapped_rows
+                    .get_or_create(&with("cause", cause.into()))
+                    .set(rows as i64);
+            }
+            set(&self.row_remap_pending, Some(u64::from(r.pending)));
+            set(&self.row_remap_failure, Some(u64::from(r.failed)));
+        }
         for link in &s.links {
             let was = before
                 .and_then(|b| b.links.iter().find(|l| l.link == link.link))
@@ -217,10 +247,11 @@ impl GpuMetrics {
         if !latched.contains_key(&s.uuid) {
             tracing::error!(gpu = s.index, uuid = %s.uuid, reason, "fatal GPU fault");
             latched.insert(s.uuid.clone(), reason.to_string());
-            let _ = self.first_fault.set(format!(
-                "fatal GPU fault on GPU {} ({}, {}): {reason}",
-                s.index, s.uuid, s.model
-            ));
+            let _ = self
+                .first_fault
+                .set(whaleflux_crds::worker::gpu_fault_message(
+                    s.index, &s.uuid, &s.model, reason,
+                ));
         }
     }
 

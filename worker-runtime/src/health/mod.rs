@@ -45,7 +45,22 @@ pub struct GpuSample {
     pub pcie_replays: Option<u64>,
     /// Memory pages wait to be retired at the next reset (ECC errors were seen).
     pub retired_pages_pending: Option<bool>,
+    /// Row remapping, the way GPUs from Ampere on replace failing memory rows.
+    pub row_remap: Option<RowRemap>,
     pub links: Vec<LinkSample>,
+}
+
+/// `nvmlDeviceGetRemappedRows`: what row remapping has done on a GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowRemap {
+    /// Rows remapped for correctable errors, over the GPU's life.
+    pub correctable: u64,
+    /// Rows remapped for uncorrectable errors, over the GPU's life.
+    pub uncorrectable: u64,
+    /// A remapping waits for the next GPU reset.
+    pub pending: bool,
+    /// A remapping failed: the bank has no spare row left.
+    pub failed: bool,
 }
 
 /// One NVLink of a GPU.
@@ -57,11 +72,55 @@ pub struct LinkSample {
     pub errors: u64,
 }
 
-/// Where NVML comes from, how often to sample, and where a fatal fault is reported.
+pub use whaleflux_crds::worker::VISIBLE_DEVICES_ENV;
+
+/// The GPUs this process uses, as `CUDA_VISIBLE_DEVICES` lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Visible {
+    /// Unset: every GPU NVML shows (in a pod, the device plugin already chose them).
+    #[default]
+    All,
+    /// NVML indices or UUIDs (`GPU-…`; a prefix is enough, as for CUDA).
+    Only(Vec<String>),
+}
+
+impl Visible {
+    /// Reads the variable's value as CUDA does: comma-separated indices or UUIDs, the list
+    /// ending at the first entry that is neither; an empty value shows no GPU.
+    pub fn parse(value: Option<&str>) -> Self {
+        let Some(value) = value else {
+            return Self::All;
+        };
+        Self::Only(
+            value
+                .split(',')
+                .map(str::trim)
+                .take_while(|e| e.parse::<u32>().is_ok() || e.starts_with("GPU-"))
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    /// Whether the GPU at NVML `index` with `uuid` is one of this process's.
+    pub fn admits(&self, index: u32, uuid: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(list) => list.iter().any(|e| match e.parse::<u32>() {
+                Ok(i) => i == index,
+                Err(_) => uuid.starts_with(e.as_str()),
+            }),
+        }
+    }
+}
+
+/// Where NVML comes from, which GPUs to watch, how often to sample, and where a fatal fault is
+/// reported.
 #[derive(Debug, Clone)]
 pub struct MonitorConfig {
     /// The NVML library to load (default: the driver's `libnvidia-ml.so.1`).
     pub library: Option<PathBuf>,
+    /// The GPUs of this process.
+    pub visible: Visible,
     pub every: Duration,
     /// The container's termination message file; written on a fatal fault when it exists
     /// (the kubelet creates `/dev/termination-log`; elsewhere nothing is created).
@@ -102,10 +161,17 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
                     return;
                 }
             };
-            let xids = nvml::xid_events(&nvml);
+            let ours = nvml::indices(&nvml, &config.visible);
+            if ours.is_empty() {
+                let why = format!("{VISIBLE_DEVICES_ENV} shows none of NVML's GPUs");
+                tracing::info!("no GPU health: {why}");
+                metrics.gpu.set_status(format!("no GPU ({why})"));
+                return;
+            }
+            let xids = nvml::xid_events(&nvml, &ours);
             let mut previous: Vec<GpuSample> = Vec::new();
             loop {
-                let mut samples = nvml::sample(&nvml);
+                let mut samples = nvml::sample(&nvml, &ours);
                 // A lost GPU cannot say who it is any more: it is who it was.
                 for s in samples.iter_mut().filter(|s| s.uuid.is_empty()) {
                     if let Some(p) = previous.iter().find(|p| p.index == s.index) {
@@ -150,4 +216,29 @@ pub fn spawn(config: MonitorConfig, metrics: Arc<Metrics>) -> std::io::Result<()
             }
         })
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Visible;
+
+    #[test]
+    fn visible_devices_read_as_cuda_reads_them() {
+        let all = Visible::parse(None);
+        assert!(all.admits(7, "GPU-anything"));
+        let some = Visible::parse(Some("1, GPU-5b3e"));
+        assert!(some.admits(1, "GPU-0000"));
+        assert!(
+            some.admits(4, "GPU-5b3e-77aa-0000"),
+            "a UUID prefix is enough"
+        );
+        assert!(!some.admits(0, "GPU-0000"));
+        // The list ends at the first entry that is neither an index nor a UUID.
+        let cut = Visible::parse(Some("2,MIG-x,3"));
+        assert!(cut.admits(2, "") && !cut.admits(3, ""));
+        assert!(
+            !Visible::parse(Some("")).admits(0, "GPU-0"),
+            "empty: no GPU"
+        );
+    }
 }

@@ -11,10 +11,10 @@ use nvml_wrapper::enum_wrappers::device::{
 };
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::event::XidError;
-use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::{EventSet, Nvml};
+use nvml_wrapper::error::{NvmlError, nvml_try};
+use nvml_wrapper::{Device, EventSet, Nvml};
 
-use super::{GpuSample, LinkSample};
+use super::{GpuSample, LinkSample, RowRemap, Visible};
 
 /// NVML's `NVML_NVLINK_MAX_LINKS`.
 const MAX_LINKS: u32 = 18;
@@ -33,10 +33,24 @@ pub fn open(library: Option<&Path>) -> Result<Nvml, String> {
     }
 }
 
-/// Samples every GPU NVML shows.
-pub fn sample(nvml: &Nvml) -> Vec<GpuSample> {
+/// The NVML indices of this process's GPUs, decided once while they can still say who they
+/// are (a GPU lost later answers nothing, not even its UUID).
+pub fn indices(nvml: &Nvml, visible: &Visible) -> Vec<u32> {
     let count = nvml.device_count().unwrap_or(0);
-    (0..count).map(|i| sample_one(nvml, i)).collect()
+    (0..count)
+        .filter(|&i| {
+            let uuid = nvml
+                .device_by_index(i)
+                .and_then(|d| d.uuid())
+                .unwrap_or_default();
+            visible.admits(i, &uuid)
+        })
+        .collect()
+}
+
+/// Samples the GPUs at `indices`.
+pub fn sample(nvml: &Nvml, indices: &[u32]) -> Vec<GpuSample> {
+    indices.iter().map(|&i| sample_one(nvml, i)).collect()
 }
 
 fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
@@ -91,6 +105,11 @@ fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
     s.throttle_reasons = ok(device.current_throttle_reasons().map(|r| r.bits()));
     s.pcie_replays = ok(device.pcie_replay_counter().map(u64::from));
     s.retired_pages_pending = ok(device.are_pages_pending_retired().map(u64::from)).map(|v| v != 0);
+    match remapped_rows(nvml, &device) {
+        Ok(rows) => s.row_remap = Some(rows),
+        Err(NvmlError::GpuLost) => lost_now.set(true),
+        Err(_) => {}
+    }
     for link in 0..MAX_LINKS {
         let l = device.link_wrapper_for(link);
         let Ok(active) = l.is_active() else { break };
@@ -113,9 +132,38 @@ fn sample_one(nvml: &Nvml, index: u32) -> GpuSample {
     s
 }
 
-/// An event set with every GPU registered for critical XID errors; `None` (logged) when NVML
-/// cannot deliver them (a GPU that does not support events loses the whole set).
-pub fn xid_events(nvml: &Nvml) -> Option<EventSet<'_>> {
+/// `nvmlDeviceGetRemappedRows` through the raw binding, which nvml-wrapper 0.13 has no safe
+/// call for. Drivers before R450 lack the symbol and GPUs before Ampere answer
+/// `NOT_SUPPORTED`: both are an error here, so the field stays unknown.
+fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Result<RowRemap, NvmlError> {
+    let get = nvml
+        .lib()
+        .nvmlDeviceGetRemappedRows
+        .as_ref()
+        .map_err(|_| NvmlError::FunctionNotFound)?;
+    let (mut correctable, mut uncorrectable, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: the handle belongs to this initialised library, and the four out-pointers are
+    // live `c_uint`s for the length of the call, as nvml.h's signature asks.
+    nvml_try(unsafe {
+        get(
+            device.handle(),
+            &mut correctable,
+            &mut uncorrectable,
+            &mut pending,
+            &mut failed,
+        )
+    })?;
+    Ok(RowRemap {
+        correctable: u64::from(correctable),
+        uncorrectable: u64::from(uncorrectable),
+        pending: pending != 0,
+        failed: failed != 0,
+    })
+}
+
+/// An event set with the GPUs at `indices` registered for critical XID errors; `None` (logged)
+/// when NVML cannot deliver them (a GPU that does not support events loses the whole set).
+pub fn xid_events<'n>(nvml: &'n Nvml, indices: &[u32]) -> Option<EventSet<'n>> {
     let mut set = match nvml.create_event_set() {
         Ok(s) => s,
         Err(e) => {
@@ -123,7 +171,7 @@ pub fn xid_events(nvml: &Nvml) -> Option<EventSet<'_>> {
             return None;
         }
     };
-    for index in 0..nvml.device_count().unwrap_or(0) {
+    for &index in indices {
         let registered = nvml
             .device_by_index(index)
             .map_err(Into::into)

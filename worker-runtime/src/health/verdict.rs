@@ -1,6 +1,7 @@
 //! The verdict table: one GPU sample (and the one before it) in, healthy / degrading / fatal
 //! out. Pure, so every row is a table test. The rows follow DCGM's health watches (memory:
-//! uncorrectable ECC is a failure, pages pending retirement a warning; thermal and power:
+//! uncorrectable ECC and a failed row remapping are failures, pages pending retirement and a
+//! row remapping pending a reset are warnings; thermal and power:
 //! slowdown is a warning; NVLink and PCIe: rising error / replay counters are a warning) and NVML's own answers (`GPU_IS_LOST`: the GPU fell off the
 //! bus, XID 79 in NVIDIA's XID catalogue); XIDs have their own table, [`classify_xid`].
 
@@ -43,7 +44,12 @@ pub fn classify_xid(code: u64) -> XidClass {
 }
 
 /// Every reason [`Verdict::Fatal`] gives, so each GPU's fault series exist (at 0) before a fault.
-pub const FATAL_REASONS: [&str; 3] = ["gpu_lost", "ecc_uncorrected", "over_shutdown_temperature"];
+pub const FATAL_REASONS: [&str; 4] = [
+    "gpu_lost",
+    "ecc_uncorrected",
+    "row_remap_failure",
+    "over_shutdown_temperature",
+];
 
 /// NVML's throttle reasons that mean the hardware slowed the GPU down (not an idle or
 /// application clock setting): `nvmlClocksThrottleReason*`.
@@ -62,6 +68,9 @@ pub fn verdict(now: &GpuSample, before: Option<&GpuSample>) -> Verdict {
     }
     if now.ecc_uncorrected.is_some_and(|n| n > 0) {
         return Verdict::Fatal("ecc_uncorrected");
+    }
+    if now.row_remap.is_some_and(|r| r.failed) {
+        return Verdict::Fatal("row_remap_failure");
     }
     if let (Some(t), Some(limit)) = (now.temperature_c, now.shutdown_c)
         && t >= limit
@@ -85,6 +94,9 @@ pub fn verdict(now: &GpuSample, before: Option<&GpuSample>) -> Verdict {
     // that keeps replaying is failing.
     if now.retired_pages_pending == Some(true) {
         why.push("retired_pages_pending");
+    }
+    if now.row_remap.is_some_and(|r| r.pending) {
+        why.push("row_remap_pending");
     }
     if let Some(before) = before {
         if let (Some(n), Some(was)) = (now.pcie_replays, before.pcie_replays)
@@ -113,7 +125,7 @@ pub fn verdict(now: &GpuSample, before: Option<&GpuSample>) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::LinkSample;
+    use crate::health::{LinkSample, RowRemap};
 
     fn h100() -> GpuSample {
         GpuSample {
@@ -127,6 +139,7 @@ mod tests {
             throttle_reasons: Some(0),
             pcie_replays: Some(0),
             retired_pages_pending: Some(false),
+            row_remap: Some(RowRemap::default()),
             links: vec![LinkSample {
                 link: 0,
                 active: true,
@@ -204,6 +217,39 @@ mod tests {
                 "pages pending retirement",
                 with(|s| s.retired_pages_pending = Some(true)),
                 Verdict::Degrading(vec!["retired_pages_pending"]),
+            ),
+            (
+                "a row remapping failed",
+                with(|s| {
+                    s.row_remap = Some(RowRemap {
+                        uncorrectable: 3,
+                        failed: true,
+                        ..RowRemap::default()
+                    })
+                }),
+                Verdict::Fatal("row_remap_failure"),
+            ),
+            (
+                "a row remapping waits for a reset",
+                with(|s| {
+                    s.row_remap = Some(RowRemap {
+                        correctable: 1,
+                        pending: true,
+                        ..RowRemap::default()
+                    })
+                }),
+                Verdict::Degrading(vec!["row_remap_pending"]),
+            ),
+            (
+                "rows remapped in the past, nothing pending",
+                with(|s| {
+                    s.row_remap = Some(RowRemap {
+                        correctable: 5,
+                        uncorrectable: 1,
+                        ..RowRemap::default()
+                    })
+                }),
+                Verdict::Healthy,
             ),
             (
                 "PCIe replays rising",

@@ -1,6 +1,7 @@
 //! OpenAI-compatible HTTP API (axum): completions and chat (plain and streamed), models, health,
 //! readiness and Prometheus metrics. The router is built before the model loads so `/healthz`
-//! answers at once and `/readyz` turns ready only when the engine can serve.
+//! answers at once, `/startupz` once this process's weights are in, and `/readyz` only when
+//! the engine (the whole group) can serve.
 
 pub mod admission;
 pub mod error;
@@ -158,6 +159,7 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
             admission::require_key,
         ));
     api.route("/healthz", get(healthz))
+        .route("/startupz", get(startupz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
@@ -181,6 +183,23 @@ async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
+/// The startup probe: 200 once this process's weights are loaded (its group may still be
+/// forming: that is `/readyz`'s business), 503 while they load. Until it passes the kubelet
+/// runs no liveness probe, so a rank that loads for minutes is not restarted, and one whose
+/// load hangs is, once the probe's budget (sized from the shard's bytes) runs out.
+async fn startupz(State(st): State<Arc<AppState>>) -> Response {
+    let bytes = st.metrics.weight_bytes.get();
+    if bytes > 0 {
+        format!(
+            "loaded: {bytes} bytes of weights in {:.1} s",
+            st.metrics.load_seconds.get()
+        )
+        .into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
+    }
+}
+
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if let Some(fault) = st.metrics.gpu.fatal() {
         (StatusCode::SERVICE_UNAVAILABLE, fault.to_string()).into_response()
@@ -200,6 +219,12 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
             )
                 .into_response()
         }
+    } else if st.metrics.weight_bytes.get() > 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loaded; connecting to its peers",
+        )
+            .into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response()
     }
