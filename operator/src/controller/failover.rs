@@ -151,12 +151,14 @@ pub(super) async fn run(
                 pods,
                 reason,
                 counted,
+                drain,
             } => {
                 // A broken group has nothing to drain, and a rank of it still in its preStop
-                // pause could join the group's next incarnation: its pods go at once. Pods of
-                // an old configuration are healthy and serving: they drain (grace period).
+                // pause could join the group's next incarnation: its pods go at once, as do
+                // those of a group that does not serve yet. A serving group of an old
+                // configuration drains (grace period).
                 let dp = DeleteParams {
-                    grace_period_seconds: counted.then_some(0),
+                    grace_period_seconds: (!drain).then_some(0),
                     ..DeleteParams::default()
                 };
                 for p in pods {

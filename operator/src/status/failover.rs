@@ -47,6 +47,9 @@ pub struct PodView {
     /// The config hash of the template the pod was made from.
     pub hash: String,
     pub terminating: bool,
+    /// Every container answers its readiness probe (the worker's own `/readyz`; not the
+    /// pod's Ready condition, which also waits on the operator's group-ready gate).
+    pub ready: bool,
     /// Container restarts, summed.
     pub restarts: i32,
     /// `status.phase` is Failed.
@@ -92,6 +95,7 @@ impl PodView {
                 .cloned()
                 .unwrap_or_default(),
             terminating: pod.metadata.deletion_timestamp.is_some(),
+            ready: !containers.is_empty() && containers.iter().all(|c| c.ready),
             restarts: containers.iter().map(|c| c.restart_count).sum(),
             failed: status.and_then(|s| s.phase.as_deref()) == Some("Failed"),
             exit,
@@ -158,13 +162,15 @@ pub struct GroupSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Delete these pods of the group at once; the StatefulSet makes them again together.
-    /// `counted` recreations (a fault) spend the restart budget and delete with no grace;
-    /// replacing pods of an old configuration does not, and drains them.
+    /// `counted` recreations (a fault) spend the restart budget; replacing pods of an old
+    /// configuration does not. Only a group that serves (its API rank Ready) has requests to
+    /// `drain` (the pods' grace period); the others go with no grace.
     Recreate {
         group: i32,
         pods: Vec<String>,
         reason: String,
         counted: bool,
+        drain: bool,
     },
     /// Keep the node out of plans until `until`.
     Quarantine {
@@ -229,7 +235,9 @@ fn second(t: Timestamp) -> Timestamp {
 /// - a recreation is counted against the budget per [`BUDGET_WINDOW`]; with none left the
 ///   group is reported exhausted and left alone;
 /// - pods of an older configuration than the group's are deleted at once (not counted), so a
-///   new plan never waits on a half-updated group.
+///   new plan never waits on a half-updated group; they drain when the group serves, and go
+///   with no grace when it does not (a group still loading, or one just recreated on a node
+///   that a fault has since quarantined).
 ///
 /// Pods created before the group's last recreation are ones that recreation deleted (a cache
 /// that has not caught up): they are ignored, so one fault is never counted twice.
@@ -337,6 +345,7 @@ pub fn decide(input: &Inputs) -> Decision {
                     pods: live.iter().map(|p| p.name.clone()).collect(),
                     reason: reason.clone(),
                     counted: true,
+                    drain: false,
                 });
                 // At the status's precision, so the status and this process's memory of the
                 // same restart are one entry.
@@ -355,6 +364,7 @@ pub fn decide(input: &Inputs) -> Decision {
                     pods: live.iter().map(|p| p.name.clone()).collect(),
                     reason: "its pods run an older configuration".into(),
                     counted: false,
+                    drain: live.iter().any(|p| p.rank == 0 && p.ready),
                 });
             }
             None => {}

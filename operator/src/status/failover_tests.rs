@@ -23,6 +23,7 @@ fn pod(name: &str, group: i32, node: &str, created: &str) -> PodView {
         created: at(created),
         hash: "h1".into(),
         terminating: false,
+        ready: true,
         restarts: 0,
         failed: false,
         exit: None,
@@ -95,6 +96,16 @@ fn recreated(d: &Decision) -> Vec<(i32, Vec<String>, bool)> {
                 counted,
                 ..
             } => Some((*group, pods.clone(), *counted)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn drains(d: &Decision) -> Vec<bool> {
+    d.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Recreate { drain, .. } => Some(*drain),
             _ => None,
         })
         .collect()
@@ -339,6 +350,12 @@ fn pods_of_an_old_configuration_are_replaced_uncounted() {
         vec![(0, names(&["chat-g0-0", "chat-g0-1"]), false)]
     );
     assert!(d.restarts.is_empty());
+    assert_eq!(drains(&d), vec![true], "a serving group drains");
+    // A group whose API rank is not Ready (still loading, or just recreated on a node a fault
+    // has quarantined since) has nothing to drain: its pods go with no grace.
+    pods[0].ready = false;
+    let d = decide_with(&pods, &nodes(), &[]);
+    assert_eq!(drains(&d), vec![false]);
     // One rank of the old configuration is enough: the whole group goes, so no group ever
     // forms of two configurations.
     let mut pods = healthy();
@@ -361,13 +378,13 @@ fn pod_views_read_labels_restarts_and_the_last_exit() {
             "annotations": {"whaleflux.io/config-hash": "abc"}},
         "spec": {"nodeName": "gpu-3", "containers": []},
         "status": {"phase": "Running", "containerStatuses": [{"name": "worker", "image": "w", "imageID": "",
-            "ready": false, "restartCount": 2,
+            "ready": true, "restartCount": 2,
             "state": {"running": {}},
             "lastState": {"terminated": {"exitCode": 4, "message": "fatal GPU fault on GPU 1\n"}}}]}
     }))
     .expect("pod");
     let v = PodView::of(&pod).expect("view");
-    assert_eq!((v.group, v.rank, v.restarts), (1, 1, 2));
+    assert_eq!((v.group, v.rank, v.restarts, v.ready), (1, 1, 2, true));
     assert_eq!(v.node.as_deref(), Some("gpu-3"));
     assert_eq!(v.hash, "abc");
     assert_eq!(
