@@ -22,6 +22,7 @@ fn worker_config(m: &Model) -> LlamaConfig {
         rope_scale: 1.0,
         rope_neox: false,
         rms_eps: 1e-5,
+        sliding_window: None,
     }
 }
 

@@ -540,6 +540,7 @@ mod tests {
             rope_scale: 1.0,
             rope_neox: false,
             rms_eps: 1e-5,
+            sliding_window: None,
         }
     }
 

@@ -466,10 +466,13 @@ impl LlamaModel {
             let out = SendPtr(att.as_mut_ptr());
             let out = &out;
             let (rows_ref, q_ref, caches_ref, orders) = (&rows, &q, &caches, &orders);
+            let window = c.sliding_window;
             be.parallel_for(t_total * nh, &move |task| {
                 let (ri, head) = (task / nh, task % nh);
                 let (si, pos) = rows_ref[ri];
-                let kv0 = head / (nh / nkv) * hd;
+                // The positions this one attends to: all before it, or its window's.
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let kv0 = first * kvd + head / (nh / nkv) * hd;
                 // SAFETY: each (row, head) task writes its own disjoint hd-wide slot.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.0.add(ri * qd + head * hd), hd) };
@@ -481,13 +484,13 @@ impl LlamaModel {
                         &k[kv0..],
                         &v[kv0..],
                         kvd,
-                        pos + 1,
+                        pos + 1 - first,
                         scale,
                         orders[si],
                         dst,
                     ),
                     KvLayer::F32 { k, v } => {
-                        attend_f32(qh, &k[kv0..], &v[kv0..], kvd, pos + 1, scale, dst)
+                        attend_f32(qh, &k[kv0..], &v[kv0..], kvd, pos + 1 - first, scale, dst)
                     }
                 }
             });

@@ -29,6 +29,9 @@ pub struct LlamaConfig {
     pub rope_scale: f32,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
+    /// Sliding-window attention (`{arch}.attention.sliding_window`, Mistral's 4096): a
+    /// position attends to itself and the `w - 1` before it. None: the whole context.
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -132,6 +135,10 @@ impl LlamaConfig {
             rope_neox,
             rope_scale,
             rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
+            sliding_window: match g.get(&format!("{arch}.attention.sliding_window")) {
+                Some(_) => Some(u("attention.sliding_window")?),
+                None => None,
+            },
         };
         if !hidden.is_multiple_of(n_heads)
             || !n_heads.is_multiple_of(n_kv_heads)

@@ -11,6 +11,9 @@
       the same weights with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, as
       Llama 2 and Mistral files have): the byte-level BPE pieces as text with `▁` for spaces,
       scored by rank, 256 `<0xXX>` byte pieces in place of ids 3..259, no merges
+  derive_gguf.py window SRC DST LAYERS [WINDOW]
+      the first LAYERS blocks only, and with WINDOW a sliding attention window
+      (`llama.attention.sliding_window`, as Mistral's config has)
 """
 import math
 import sys
@@ -38,9 +41,10 @@ def llama3_factors(base, head_dim, factor, original_context, low=1.0, high=4.0):
     return np.array(out, dtype=np.float32)
 
 
-def copy(src, dst, arch=None, rename=lambda key: key, overrides=None, drop=()):
+def copy(src, dst, arch=None, rename=lambda key: key, overrides=None, drop=(),
+         keep=lambda tensor: True):
     """A writer holding `src`'s metadata (keys renamed, values overridden, some dropped) and
-    tensors."""
+    the tensors `keep` admits."""
     r = GGUFReader(src)
     arch = arch or r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, arch)
@@ -53,7 +57,8 @@ def copy(src, dst, arch=None, rename=lambda key: key, overrides=None, drop=()):
         key = rename(name)
         w.add_key_value(key, overrides.get(key, field.contents()), vtype, sub_type=sub)
     for t in r.tensors:
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        if keep(t.name):
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     return r, w
 
 
@@ -141,6 +146,16 @@ def spm(src, dst):
     finish(w)
 
 
+def window(src, dst, layers, size=None):
+    r = GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    keep = lambda name: not name.startswith("blk.") or int(name.split(".")[1]) < layers
+    _, w = copy(src, dst, overrides={f"{arch}.block_count": layers}, keep=keep)
+    if size is not None:
+        w.add_key_value(f"{arch}.attention.sliding_window", size, GGUFValueType.UINT32)
+    finish(w)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "rope-freqs":
@@ -149,5 +164,7 @@ if __name__ == "__main__":
         qwen2(args[0], args[1])
     elif cmd == "spm":
         spm(args[0], args[1])
+    elif cmd == "window":
+        window(args[0], args[1], int(args[2]), int(args[3]) if len(args) > 3 else None)
     else:
         sys.exit(f"unknown command {cmd!r}")
