@@ -30,7 +30,7 @@
 //!
 //! Without the variable, or without the file, `nvmlInit_v2` returns
 //! `NVML_ERROR_DRIVER_NOT_LOADED`, as on a machine with no NVIDIA driver. The file format is
-//! documented at the top of `fake_nvml.c`.
+//! documented at the top of `fake_nvml.c` (the state file is read by `state.c` beside it).
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -52,9 +52,11 @@ pub const MAX_NVLINKS: usize = 18;
 /// Longest name or UUID, in bytes, including NVML's terminating NUL (NVML's V2 buffer size).
 const MAX_STRING: usize = 96;
 
-/// Path of the C source, `e2e/fake-nvml/fake_nvml.c`.
-pub fn source_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fake-nvml/fake_nvml.c")
+/// The C sources in `e2e/fake-nvml/`: `fake_nvml.c` (the exported NVML functions) and
+/// `state.c` (the state file and the calls' common prologue); `fake_nvml.h` is beside them.
+pub fn sources() -> [PathBuf; 2] {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fake-nvml");
+    [dir.join("fake_nvml.c"), dir.join("state.c")]
 }
 
 /// Compile the fake library with `$CC` (default `cc`) into `out_dir/libnvidia-ml-fake.so` and
@@ -72,7 +74,7 @@ pub fn build(out_dir: &Path) -> io::Result<PathBuf> {
     // $CC may carry arguments ("ccache gcc").
     let mut words = cc.split_whitespace();
     let program = words.next().unwrap_or("cc");
-    let source = source_path();
+    let sources = sources();
     let out = out_dir.join(LIB_NAME);
     let tmp = out_dir.join(format!(
         ".{LIB_NAME}.{}.{}.tmp",
@@ -83,7 +85,7 @@ pub fn build(out_dir: &Path) -> io::Result<PathBuf> {
         .args(words)
         .args(["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-o"])
         .arg(&tmp)
-        .arg(&source)
+        .args(&sources)
         .arg("-lpthread")
         .output()
         .map_err(|e| io::Error::new(e.kind(), format!("running C compiler `{cc}`: {e}")))?;
@@ -92,7 +94,7 @@ pub fn build(out_dir: &Path) -> io::Result<PathBuf> {
         return Err(io::Error::other(format!(
             "`{cc}` failed ({}) compiling {}:\n{}",
             output.status,
-            source.display(),
+            sources[0].with_file_name("*.c").display(),
             String::from_utf8_lossy(&output.stderr)
         )));
     }
@@ -561,7 +563,9 @@ gpu.0.lost 0
     }
 
     #[test]
-    fn source_is_where_build_looks() {
-        assert!(source_path().is_file(), "{}", source_path().display());
+    fn sources_are_where_build_looks() {
+        for s in sources() {
+            assert!(s.is_file(), "{}", s.display());
+        }
     }
 }
