@@ -10,7 +10,8 @@ mod pool;
 mod rope;
 
 pub use kernels::{
-    Flavour, QuantActs, dot_f32, dot_row, dot_rows4, dot_rows4xt, flavour, has_avx2, quantize_acts,
+    Flavour, QuantActs, Unpacked4, dot_f32, dot_row, dot_rows4, dot_rows4xt, dot_rows4xt_unpacked,
+    flavour, has_avx2, quantize_acts,
 };
 pub use kquants::{KActs, QK_K, quantize_acts_k};
 pub use ops::{
@@ -23,6 +24,14 @@ use std::sync::OnceLock;
 use super::{Backend, Weight};
 use crate::model::gguf::GgmlType;
 use kernels::q32;
+
+/// Tokens from which a matmul unpacks each quad of 32-value rows once for all its tiles.
+const UNPACK_FROM_TOKENS: usize = 8;
+
+thread_local! {
+    /// Each pool thread's unpacked rows, reused across matmuls.
+    static UNPACKED: std::cell::RefCell<Unpacked4> = Default::default();
+}
 
 /// f16 bits -> f32, as a table so the hot loops avoid software conversion.
 pub(crate) fn f16_table() -> &'static [f32] {
@@ -320,6 +329,17 @@ impl Backend for CpuBackend {
                         }
                     }
                 };
+                // A prompt's many tiles share the four rows: unpacked once, not per tile.
+                if pair_tokens && n >= UNPACK_FROM_TOKENS {
+                    UNPACKED.with_borrow_mut(|up| {
+                        if up.fill(w.ty, rows4, q.blocks) {
+                            while t + 4 <= n {
+                                put_tokens(t, &dot_rows4xt_unpacked::<4>(up, q, t));
+                                t += 4;
+                            }
+                        }
+                    });
+                }
                 while pair_tokens && t + 4 <= n {
                     put_tokens(t, &dot_rows4xt::<4>(w.ty, rows4, q, t));
                     t += 4;

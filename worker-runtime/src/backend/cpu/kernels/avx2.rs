@@ -258,6 +258,76 @@ macro_rules! q32_kernels {
             out
         }
 
+        /// [`dot_rxt_q32`] on rows unpacked once by [`unpack_rows`] (`vals`: 64 bytes a
+        /// block, `dw`/`mw` its scale and min): the same integers and floats in the same order,
+        /// without unpacking each weight block again for every tile of tokens.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        pub(in super::super) unsafe fn dot_rxt_pre<const F: u8, const R: usize, const T: usize>(
+            vals: [&[u8]; R],
+            dw: [&[f32]; R],
+            mw: [&[f32]; R],
+            qs: &[i8],
+            d: &[f32],
+            s: &[f32],
+            nb: usize,
+        ) -> [[f32; R]; T] {
+            assert!(
+                (0..R).all(|r| vals[r].len() >= nb * 64 && dw[r].len() >= nb && mw[r].len() >= nb)
+            );
+            assert!(qs.len() >= T * nb * 32 && d.len() >= T * nb && s.len() >= T * nb);
+            let mut acc = [[_mm256_setzero_ps(); R]; T];
+            let mut off = [[0f32; R]; T];
+            let ones = _mm256_set1_epi16(1);
+            for b in 0..nb {
+                // SAFETY: bounds asserted above.
+                unsafe {
+                    let mut a = [_mm256_setzero_si256(); T];
+                    for (t, at) in a.iter_mut().enumerate() {
+                        *at = _mm256_loadu_si256(
+                            qs.as_ptr().add((t * nb + b) * 32) as *const __m256i
+                        );
+                    }
+                    for r in 0..R {
+                        let v = vals[r].as_ptr().add(b * 64);
+                        let w0 = _mm256_loadu_si256(v as *const __m256i);
+                        let dwr = *dw[r].get_unchecked(b);
+                        if q32::has_min(F) {
+                            for t in 0..T {
+                                let p = $mul(w0, a[t], ones);
+                                acc[t][r] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(dwr * *d.get_unchecked(t * nb + b)),
+                                    _mm256_cvtepi32_ps(p),
+                                    acc[t][r],
+                                );
+                            }
+                            let m = *mw[r].get_unchecked(b);
+                            for t in 0..T {
+                                off[t][r] += m * *s.get_unchecked(t * nb + b);
+                            }
+                        } else {
+                            let x = _mm256_loadu_si256(v.add(32) as *const __m256i);
+                            for t in 0..T {
+                                let p = $mul(w0, _mm256_sign_epi8(a[t], x), ones);
+                                acc[t][r] = _mm256_fmadd_ps(
+                                    _mm256_set1_ps(dwr * *d.get_unchecked(t * nb + b)),
+                                    _mm256_cvtepi32_ps(p),
+                                    acc[t][r],
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            let mut out = [[0f32; R]; T];
+            for t in 0..T {
+                for r in 0..R {
+                    out[t][r] = hsum(acc[t][r]) + off[t][r];
+                }
+            }
+            out
+        }
+
         /// Four Q8_0 rows against one activation row.
         #[target_feature(enable = $feat)]
         pub(in super::super) unsafe fn dot4_q8_0(
@@ -312,6 +382,38 @@ pub(super) mod vnni {
 pub(super) mod vnni512 {
     use super::*;
     q32_kernels!("avx2,fma,f16c,avx512vnni,avx512vl", mul_vnni512);
+}
+
+/// Unpacks a row of format `F` for [`plain::dot_rxt_pre`] and its kin: per block, 32 bytes of
+/// the values the pair sums multiply (`|u - offset|`, or `u` for formats with a min), then 32
+/// bytes of `u - offset` (whose signs the activations take), and the scale and min as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn unpack_rows<const F: u8>(
+    row: &[u8],
+    nb: usize,
+    vals: &mut [u8],
+    dw: &mut [f32],
+    mw: &mut [f32],
+) {
+    let bb = q32::block_bytes(F);
+    assert!(row.len() >= nb * bb && vals.len() >= nb * 64 && dw.len() >= nb && mw.len() >= nb);
+    for b in 0..nb {
+        // SAFETY: bounds asserted above.
+        unsafe {
+            let blk = row.as_ptr().add(b * bb);
+            let u = unpack::<F>(blk);
+            let out = vals.as_mut_ptr().add(b * 64);
+            if q32::has_min(F) {
+                _mm256_storeu_si256(out as *mut __m256i, u);
+                *mw.get_unchecked_mut(b) = h(blk, 2);
+            } else {
+                let x = _mm256_sub_epi8(u, _mm256_set1_epi8(q32::offset(F) as i8));
+                _mm256_storeu_si256(out as *mut __m256i, _mm256_sign_epi8(x, x));
+                _mm256_storeu_si256(out.add(32) as *mut __m256i, x);
+            }
+            *dw.get_unchecked_mut(b) = h(blk, 0);
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -344,6 +344,122 @@ fn dot_rows4xt_in<const T: usize>(
     std::array::from_fn(|j| dot_rows4_in(fl, ty, w, q, t + j))
 }
 
+/// Four weight rows of a 32-value format unpacked once for all of a prompt's token tiles
+/// ([`dot_rows4xt`] unpacks each block again for every tile). SIMD flavours only; the results
+/// are [`dot_rows4xt`]'s, bit for bit.
+#[derive(Debug, Default)]
+pub struct Unpacked4 {
+    format: u8,
+    nb: usize,
+    vals: Vec<u8>,
+    dw: Vec<f32>,
+    mw: Vec<f32>,
+}
+
+impl Unpacked4 {
+    /// Unpacks `w` (rows of `nb` blocks of `ty`); false, with nothing done, where `ty` or this
+    /// CPU has no unpacked kernel.
+    pub fn fill(&mut self, ty: GgmlType, w: [&[u8]; 4], nb: usize) -> bool {
+        self.fill_in(flavour(), ty, w, nb)
+    }
+
+    fn fill_in(&mut self, fl: Flavour, ty: GgmlType, w: [&[u8]; 4], nb: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(f)) = (fl.simd(), q32::of(ty)) {
+            self.format = f;
+            self.nb = nb;
+            self.vals.resize(4 * nb * 64, 0);
+            self.dw.resize(4 * nb, 0.0);
+            self.mw.resize(4 * nb, 0.0);
+            let rows = self
+                .vals
+                .chunks_exact_mut(nb * 64)
+                .zip(self.dw.chunks_exact_mut(nb))
+                .zip(self.mw.chunks_exact_mut(nb));
+            for (row, ((vals, dw), mw)) in w.into_iter().zip(rows) {
+                // SAFETY: AVX2, FMA and F16C were detected; the unpacker asserts the lengths.
+                unsafe {
+                    match f {
+                        q32::Q4_0 => avx2::unpack_rows::<{ q32::Q4_0 }>(row, nb, vals, dw, mw),
+                        q32::Q4_1 => avx2::unpack_rows::<{ q32::Q4_1 }>(row, nb, vals, dw, mw),
+                        q32::Q5_0 => avx2::unpack_rows::<{ q32::Q5_0 }>(row, nb, vals, dw, mw),
+                        _ => avx2::unpack_rows::<{ q32::Q5_1 }>(row, nb, vals, dw, mw),
+                    }
+                }
+            }
+            return true;
+        }
+        let _ = (fl, ty, w, nb);
+        false
+    }
+}
+
+/// [`dot_rows4xt`] on rows [`Unpacked4::fill`] unpacked. Returns `[token][row]`.
+pub fn dot_rows4xt_unpacked<const T: usize>(
+    up: &Unpacked4,
+    q: &QuantActs,
+    t: usize,
+) -> [[f32; 4]; T] {
+    dot_rows4xt_unpacked_in::<T>(flavour(), up, q, t)
+}
+
+fn dot_rows4xt_unpacked_in<const T: usize>(
+    fl: Flavour,
+    up: &Unpacked4,
+    q: &QuantActs,
+    t: usize,
+) -> [[f32; 4]; T] {
+    let nb = up.nb;
+    assert!(
+        fl.simd() && nb == q.blocks,
+        "an unpacked row set is filled for these activations"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let qs = &q.qs[t * nb * 32..(t + T) * nb * 32];
+        let d = &q.d[t * nb..(t + T) * nb];
+        let s = &q.s[t * nb..(t + T) * nb];
+        let vals = |r: usize| &up.vals[r * nb * 64..(r + 1) * nb * 64];
+        let dw = |r: usize| &up.dw[r * nb..(r + 1) * nb];
+        let mw = |r: usize| &up.mw[r * nb..(r + 1) * nb];
+        // SAFETY: AVX2 and FMA were detected (a SIMD flavour filled it); the kernel asserts the
+        // slice lengths.
+        let (lo, hi) = unsafe {
+            (
+                by_format!(
+                    fl,
+                    up.format,
+                    dot_rxt_pre::<2, T>(
+                        [vals(0), vals(1)],
+                        [dw(0), dw(1)],
+                        [mw(0), mw(1)],
+                        qs,
+                        d,
+                        s,
+                        nb
+                    )
+                ),
+                by_format!(
+                    fl,
+                    up.format,
+                    dot_rxt_pre::<2, T>(
+                        [vals(2), vals(3)],
+                        [dw(2), dw(3)],
+                        [mw(2), mw(3)],
+                        qs,
+                        d,
+                        s,
+                        nb
+                    )
+                ),
+            )
+        };
+        std::array::from_fn(|j| [lo[j][0], lo[j][1], hi[j][0], hi[j][1]])
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no SIMD flavour on this architecture")
+}
+
 /// Portable kernel; also the definition the SIMD kernels must match: integer dot products of
 /// the signed values per block (llama.cpp's arithmetic), scaled by both blocks' `d`, plus
 /// `min * s` for formats with a min.
@@ -459,6 +575,14 @@ pub(crate) mod tests {
                 let four = dot_rows4_in(fl, ty, w, &q, 1);
                 let pair = dot_rows4xt_in::<2>(fl, ty, w, &q, 0);
                 let quad = dot_rows4xt_in::<4>(fl, ty, w, &q, 0);
+                let mut up = Unpacked4::default();
+                if up.fill_in(fl, ty, w, q.blocks) {
+                    // The unpacked tiles are the same arithmetic, bit for bit.
+                    assert_eq!(dot_rows4xt_unpacked_in::<4>(fl, &up, &q, 0), quad, "{ty:?}");
+                    assert_eq!(dot_rows4xt_unpacked_in::<2>(fl, &up, &q, 0), pair, "{ty:?}");
+                } else {
+                    assert!(!fl.simd() || q32::of(ty).is_none(), "{ty:?}");
+                }
                 let name = fl.name();
                 for r in 0..4 {
                     for (what, got, t) in [
